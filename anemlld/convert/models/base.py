@@ -1,0 +1,358 @@
+"""The pieces every ANE-shaped model shares.
+
+Shaped for the Neural Engine: projections are 1x1 convolutions on a
+channels-first ``(1, C, 1, S)`` tensor, RMSNorm is a LayerNorm over ``[x, -x]``
+(mean exactly zero, so it equals RMSNorm), rotary tables are precomputed
+constants indexed by ``position_ids``, and the KV cache is one buffer
+``model.kv_cache_0`` of shape ``(2 * layers, kv_heads, context, head_dim)`` that
+becomes the Core ML state: layer ``i`` keeps K at index ``i`` and V at ``i + layers``.
+
+Module and parameter names mirror the Hugging Face checkpoint
+(``model.layers.0.self_attn.q_proj.weight``) so weights load by name; the split
+LM head is the one exception, handled in :meth:`AneLM.load_weights`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.errors import BadInput
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "ModelArgs":
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            fields = dict(
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab_size=int(cfg["vocab_size"]),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta(cfg),
+                rope_scaling=rope_scaling(cfg),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", False)),
+            )
+        except KeyError as e:
+            raise BadInput(f"config.json has no {e.args[0]!r}",
+                           "the folder's config.json is incomplete; re-download the model") from None
+        fields.update(overrides)
+        args = cls(**fields)
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise BadInput(f"hidden_act {act!r} is not supported", "only SwiGLU (silu) models convert")
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise BadInput("num_attention_heads is not a multiple of num_key_value_heads",
+                           "check config.json")
+        return args
+
+    @property
+    def layer_params(self) -> int:
+        """Weights in one decoder layer's projections (what LUT quantizes)."""
+        h, kvh = self.hidden_size, self.num_key_value_heads * self.head_dim
+        qh = self.num_attention_heads * self.head_dim
+        return h * qh * 2 + h * kvh * 2 + 3 * h * self.intermediate_size
+
+
+def rope_theta(cfg: dict[str, Any]) -> float:
+    # transformers 5 writes rope_theta inside rope_parameters; older files at top level.
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return float(theta if theta is not None else 10000.0)
+
+
+def rope_scaling(cfg: dict[str, Any]) -> dict | None:
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ("llama3", "linear"):
+        raise BadInput(f"rope scaling {kind!r} is not supported",
+                       "supported rope types: default, linear, llama3")
+    params["rope_type"] = kind
+    return params
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv / factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = ((old_len / wavelen) - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_len / low, inv / factor, inv)
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(medium, blended, out)
+
+
+def rope_tables(args: ModelArgs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), rope_inv_freq(args))
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def conv1x1(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
+
+
+def to_channels(x: torch.Tensor) -> torch.Tensor:
+    """(1, S, C) -> (1, C, 1, S), the layout the Neural Engine convolves fastest."""
+    return x.transpose(1, 2).unsqueeze(2)
+
+
+def from_channels(x: torch.Tensor) -> torch.Tensor:
+    """(1, C, 1, S) -> (1, S, C)."""
+    return x.squeeze(2).transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis written as LayerNorm of [x, -x]: the mean is
+    exactly zero, so the variance LayerNorm computes is mean(x^2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        doubled = torch.cat([x, -x], dim=-1)
+        normed = F.layer_norm(doubled, (2 * dim,), eps=self.eps)
+        return normed[..., :dim] * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the shared KV cache. ``q_norm``/``k_norm``
+    hooks let architectures with per-head norms (Qwen3) reuse the rest."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args = args
+        self.layer_idx = layer_idx
+        h, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv = args.num_attention_heads, args.num_key_value_heads
+        bias = args.attention_bias
+        self.q_proj = conv1x1(h, self.n_heads * hd, bias)
+        self.k_proj = conv1x1(h, self.n_kv * hd, bias)
+        self.v_proj = conv1x1(h, self.n_kv * hd, bias)
+        self.o_proj = conv1x1(self.n_heads * hd, h)
+        self.scale = hd ** -0.5
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                current_pos: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[1]
+        hd, n_rep = self.args.head_dim, self.n_heads // self.n_kv
+        xc = to_channels(x)
+        q = self.q_proj(xc).view(self.n_heads, hd, seq).transpose(1, 2)  # (heads, S, hd)
+        k = self.k_proj(xc).view(self.n_kv, hd, seq).transpose(1, 2)
+        v = self.v_proj(xc).view(self.n_kv, hd, seq).transpose(1, 2)
+        q, k = self.norm_qk(q, k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        layers = self.args.num_hidden_layers
+        i, pos = self.layer_idx, current_pos[0]
+        kv[i:i + 1, :, pos:pos + seq, :] = k.unsqueeze(0).to(kv.dtype)
+        kv[layers + i:layers + i + 1, :, pos:pos + seq, :] = v.unsqueeze(0).to(kv.dtype)
+        keys, values = kv[i].to(q.dtype), kv[layers + i].to(q.dtype)  # (kv_heads, ctx, hd)
+
+        # Query heads sharing a KV head are stacked along the sequence axis,
+        # so no repeated copy of K/V is ever made.
+        q = (q * self.scale).reshape(self.n_kv, n_rep * seq, hd)
+        scores = torch.matmul(q, keys.transpose(1, 2)).view(self.n_kv, n_rep, seq, -1) + mask[0]
+        weights = torch.softmax(scores, dim=-1).view(self.n_kv, n_rep * seq, -1)
+        out = torch.matmul(weights, values).view(self.n_heads, seq, hd)
+        out = out.transpose(1, 2).reshape(1, self.n_heads * hd, 1, seq)
+        return from_channels(self.o_proj(out))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, i = args.hidden_size, args.intermediate_size
+        self.gate_proj = conv1x1(h, i)
+        self.up_proj = conv1x1(h, i)
+        self.down_proj = conv1x1(i, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = to_channels(x)
+        return from_channels(self.down_proj(F.silu(self.gate_proj(xc)) * self.up_proj(xc)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, attention: type[Attention]):
+        super().__init__()
+        self.self_attn = attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, current_pos, kv):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, current_pos, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """Mirrors the checkpoint's ``model.``: embeddings, the layers this part
+    holds (others are empty placeholders so indices keep their names), the
+    final norm when the last layer is here, the KV cache and rotary tables."""
+
+    def __init__(self, args: ModelArgs, layers: range, embeddings: bool, context_length: int,
+                 attention: type[Attention]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if embeddings else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, attention) if i in layers else nn.Identity()
+            for i in range(args.num_hidden_layers))
+        self.norm = (RMSNorm(args.hidden_size, args.rms_norm_eps)
+                     if len(layers) and layers[-1] == args.num_hidden_layers - 1 else None)
+        if len(layers):
+            self.register_buffer("kv_cache_0", torch.zeros(
+                2 * args.num_hidden_layers, args.num_key_value_heads, context_length, args.head_dim))
+            cos, sin = rope_tables(args, context_length)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+
+class SplitHead(nn.Module):
+    """The LM head as K convolutions, so no output axis exceeds what the Neural
+    Engine handles in one tensor; the runtime concatenates ``logits1..K``."""
+
+    def __init__(self, hidden: int, sizes: list[int]):
+        super().__init__()
+        self.sizes = sizes
+        self.splits = nn.ModuleList(conv1x1(hidden, n) for n in sizes)
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        hc = to_channels(h)
+        return [from_channels(conv(hc)) for conv in self.splits]
+
+
+def split_sizes(vocab: int, parts: int) -> list[int]:
+    """Near-equal pieces, the larger ones first."""
+    base, extra = divmod(vocab, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class AneLM(nn.Module):
+    """An ANE-shaped causal LM, or the slice of one that a part needs.
+
+    ``layers`` selects the decoder layers held (a chunk); ``embeddings`` and
+    ``lm_head`` whether those parts are built. Nothing outside the selection is
+    allocated, so a converter builds one part at a time.
+    """
+
+    attention: type[Attention] = Attention
+
+    def __init__(self, args: ModelArgs, layers: range | None = None, embeddings: bool = True,
+                 lm_head: bool = True, lm_head_split: int = 8, context_length: int = 512):
+        super().__init__()
+        self.args = args
+        self.context_length = context_length
+        self.layer_range = range(args.num_hidden_layers) if layers is None else layers
+        self.model = Body(args, self.layer_range, embeddings, context_length, self.attention)
+        self.lm_head = SplitHead(args.hidden_size, split_sizes(args.vocab_size, lm_head_split)) if lm_head else None
+
+    # --- the three parts -------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def layers_forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                       causal_mask: torch.Tensor, current_pos: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
+        """Run this part's layers over ``hidden_states`` (1, S, H) at
+        ``position_ids`` (S,), writing K/V at ``current_pos`` onward.
+        ``last_only`` (prefill) returns just the last row, normed if final."""
+        body = self.model
+        cos = body.rope_cos.index_select(0, position_ids).to(hidden_states.dtype)
+        sin = body.rope_sin.index_select(0, position_ids).to(hidden_states.dtype)
+        h = hidden_states
+        for i in self.layer_range:
+            h = body.layers[i](h, cos, sin, causal_mask, current_pos, body.kv_cache_0)
+        if last_only:
+            h = h[:, -1:, :]
+        if body.norm is not None:
+            h = body.norm(h)
+        return h
+
+    def head(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        return self.lm_head(hidden_states)
+
+    # --- weights ---------------------------------------------------------
+    def load_weights(self, get: Callable[[str], torch.Tensor]) -> None:
+        """Fill every parameter from the checkpoint through ``get(name)``."""
+        for name, param in self.named_parameters():
+            if name.startswith("lm_head.splits."):
+                continue
+            tensor = get(name)
+            if param.dim() == 4 and tensor.dim() == 2:
+                tensor = tensor[:, :, None, None]
+            _copy(name, param, tensor)
+        if self.lm_head is not None:
+            key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
+            full = get(key)
+            start = 0
+            for conv, n in zip(self.lm_head.splits, self.lm_head.sizes):
+                _copy(key, conv.weight, full[start:start + n, :, None, None])
+                start += n
+
+    def reset_cache(self) -> None:
+        if hasattr(self.model, "kv_cache_0"):
+            self.model.kv_cache_0.zero_()
+
+
+def _copy(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise BadInput(f"weight {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}",
+                       "the weights do not match config.json; re-download the model")
+    with torch.no_grad():
+        param.copy_(tensor.to(param.dtype))
+
+
+def causal_mask(positions: torch.Tensor, context_length: int, dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, S, ctx): 0 where row at position p may attend (keys 0..p), -inf elsewhere."""
+    keys = torch.arange(context_length)
+    allowed = keys[None, :] <= positions[:, None]
+    mask = torch.full(allowed.shape, float("-inf"), dtype=dtype)
+    return mask.masked_fill(allowed, 0.0)[None, None]

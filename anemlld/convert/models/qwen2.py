@@ -1,0 +1,17 @@
+"""Qwen2 / Qwen2.5: Llama with biases on the q/k/v projections."""
+from __future__ import annotations
+
+from typing import Any
+
+from anemlld.convert.models.base import AneLM, Attention, ModelArgs
+
+PREFIX = "qwen"
+
+
+def model_args(cfg: dict[str, Any]) -> ModelArgs:
+    # Qwen2's q/k/v always carry a bias; its config.json has no flag for it.
+    return ModelArgs.from_config(cfg, attention_bias=True)
+
+
+class Model(AneLM):
+    attention = Attention

@@ -1,0 +1,399 @@
+"""One conversion, stage by stage: inspect -> export -> quantize -> combine ->
+compile -> publish.
+
+Everything is built in a work folder beside the output (``.NAME.partial``)
+and renamed into place only when complete, so an interrupted conversion never
+leaves a folder that looks finished. Each finished part is kept in the work
+folder under a name that includes the input's fingerprint, so running the
+same conversion again resumes where it stopped.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from anemlld import __version__, layout
+from anemlld.convert import export
+from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
+from anemlld.convert.models.base import ModelArgs, split_sizes
+from anemlld.convert.source import HFSource, detect_architecture, fingerprint
+from shared.errors import AnemllError, BadInput
+from shared.options import ConvertOptions, lut_name
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+ProgressFn = Callable[["Progress"], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str       # inspect, export, quantize, combine, compile, publish, done
+    part: str        # the part being worked on ("" for whole-job stages)
+    fraction: float  # of the whole conversion, 0..1
+    message: str = ""
+
+
+@dataclass
+class Plan:
+    """What a conversion will produce, decided before any heavy work."""
+
+    source: HFSource
+    options: ConvertOptions
+    architecture: str
+    args: ModelArgs
+    prefix: str
+    chunk_ranges: list[range]
+    lm_head_split: int
+    fingerprint: str
+    estimated_bytes: int
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_ranges)
+
+
+@dataclass
+class Result:
+    out_dir: Path
+    reused: bool
+    compiled: bool
+    compile_note: str
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+def split_layers(layers: int, chunks: int) -> list[range]:
+    """Every layer in exactly one chunk; sizes differ by at most one."""
+    base, extra = divmod(layers, chunks)
+    out, start = [], 0
+    for i in range(chunks):
+        n = base + (1 if i < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def _bytes_per_weight(bits: int | None) -> float:
+    return 2.0 if bits is None else bits / 8
+
+
+def chunk_bytes(args: ModelArgs, layers: int, bits: int | None) -> int:
+    return int(layers * args.layer_params * _bytes_per_weight(bits))
+
+
+def choose_chunks(args: ModelArgs, options: ConvertOptions) -> int:
+    layers = args.num_hidden_layers
+    if options.chunks != "auto":
+        n = int(options.chunks)
+        if n > layers:
+            raise BadInput(f"chunks = {n} is more than the model's {layers} layers",
+                           f"use chunks between 1 and {layers}, or \"auto\"", stage="inspect")
+        return n
+    limit = options.max_chunk_mb * MB
+    for n in range(1, layers + 1):
+        largest = max(len(r) for r in split_layers(layers, n))
+        if chunk_bytes(args, largest, options.lut_ffn) <= limit:
+            return n
+    one = chunk_bytes(args, 1, options.lut_ffn) / MB
+    raise BadInput(f"one decoder layer alone is {one:.0f} MB, above max_chunk_mb = {options.max_chunk_mb}",
+                   "raise max_chunk_mb or use a smaller lut_ffn", stage="inspect")
+
+
+def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
+    options.check()
+    source = HFSource.open(src_dir)
+    arch = options.architecture or detect_architecture(source.config)
+    module = ARCHITECTURES[arch]
+    args = module.model_args(source.config)
+    n = choose_chunks(args, options)
+    prefix = options.prefix or module.PREFIX
+    split = DEFAULT_LM_HEAD_SPLIT[arch]
+    h, v = args.hidden_size, args.vocab_size
+    estimate = int(h * v * _bytes_per_weight(options.lut_embeddings)
+                   + chunk_bytes(args, args.num_hidden_layers, options.lut_ffn)
+                   + h * v * _bytes_per_weight(options.lut_lm_head))
+    fp = fingerprint([__version__, arch, str(n), json.dumps(options.to_mapping(), sort_keys=True),
+                      *source.fingerprint_parts()])
+    p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, estimate)
+    o = options
+    p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
+               + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
+               + [layout.lm_head_name(prefix, o.lut_lm_head)])
+    return p
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / layout.MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_output(out: Path) -> dict | None:
+    """The manifest of an existing output of ours, None if there is none;
+    refuses a folder that holds something else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder", "choose another --out", stage="inspect")
+    manifest = _read_manifest(out)
+    if manifest is None and any(out.iterdir()):
+        raise BadInput(f"{out} exists and was not made by anemlld",
+                       "choose another --out, or empty that folder if you mean to replace it", stage="inspect")
+    return manifest
+
+
+def check_disk(p: Plan, work_parent: Path) -> None:
+    # The output plus the working copies of the largest chunk: fp16 export,
+    # and the quantized infer and prefill packages before they are combined.
+    largest = max(len(r) for r in p.chunk_ranges)
+    need = p.estimated_bytes + 3 * chunk_bytes(p.args, largest, None)
+    free = shutil.disk_usage(work_parent).free
+    if free < need:
+        raise BadInput(f"not enough free disk in {work_parent}: about {need / MB:.0f} MB needed, "
+                       f"{free / MB:.0f} MB free", "free some space or choose an --out on another disk",
+                       stage="inspect")
+
+
+class _Stages:
+    """Progress bookkeeping: each unit of work has a weight (its weights count)."""
+
+    def __init__(self, progress: ProgressFn | None, total: float):
+        self.progress, self.total, self.done = progress, max(total, 1.0), 0.0
+        self.seconds: dict[str, float] = {}
+
+    def report(self, stage: str, part: str, message: str = "") -> None:
+        if self.progress:
+            self.progress(Progress(stage, part, min(self.done / self.total, 1.0), message))
+
+    def run(self, stage: str, part: str, weight: float, fn: Callable, *a):
+        self.report(stage, part)
+        t = time.perf_counter()
+        try:
+            return fn(*a)
+        except AnemllError as e:
+            e.stage = e.stage or stage
+            raise
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            self.done += weight
+
+
+def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | None = None,
+            progress: ProgressFn | None = None) -> Result:
+    """Convert the Hugging Face folder ``src_dir`` into ``out_dir``."""
+    t0 = time.perf_counter()
+    options = options or ConvertOptions()
+    out = Path(out_dir).expanduser().resolve()
+    p = plan(src_dir, options)
+    existing = check_output(out)
+    if existing and existing.get("fingerprint") == p.fingerprint:
+        if progress:
+            progress(Progress("done", "", 1.0, "already converted with these inputs and options"))
+        return Result(out, True, bool(existing.get("compiled")), existing.get("compile_note", ""),
+                      0.0, {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial"
+    _prepare_work(work, p)
+    check_disk(p, out.parent)
+
+    o, args = p.options, p.args
+    emb_w = args.vocab_size * args.hidden_size
+    layer_w = args.layer_params
+    quant = lambda bits: 3.0 if bits else 0.0  # k-means dominates when quantizing
+    total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
+             + sum(len(r) * layer_w * (2 + 2 * quant(o.lut_ffn)) for r in p.chunk_ranges))
+    st = _Stages(progress, total)
+    st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
+
+    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
+                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
+    try:
+        _build_embeddings(p, shapes, work, st, emb_w, quant(o.lut_embeddings))
+        for i, layers in enumerate(p.chunk_ranges):
+            _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
+        _build_head(p, shapes, work, st, emb_w, quant(o.lut_lm_head))
+    finally:
+        p.source.close()
+
+    note = export.compiler()
+    compiled = note is None
+    if compiled:
+        for name in p.parts:
+            pkg = work / f"{name}.mlpackage"
+            if not (work / f"{name}.mlmodelc").exists():
+                st.run("compile", name, 0.0, export.compile_package, pkg, work)
+        note = "compiled with xcrun coremlcompiler"
+    st.report("compile", "", note if not compiled else "")
+
+    _finish(p, work, compiled, note, st.seconds)
+    st.report("publish", "")
+    _publish(work, out)
+    seconds = time.perf_counter() - t0
+    if progress:
+        progress(Progress("done", "", 1.0, f"converted in {seconds:.1f} s"))
+    return Result(out, False, compiled, note, seconds, st.seconds)
+
+
+def _prepare_work(work: Path, p: Plan) -> None:
+    """Reuse a work folder left by the same conversion; wipe any other."""
+    state = _read_manifest(work)
+    if work.exists() and (state is None or state.get("fingerprint") != p.fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / layout.MANIFEST_FILE).write_text(json.dumps({"fingerprint": p.fingerprint, "complete": False}))
+
+
+def _metadata(p: Plan, bits: int | None, chunk_no: int | None = None, functions: str = "") -> dict[str, str]:
+    o = p.options
+    meta = {"com.anemll.context_length": o.context_length, "com.anemll.num_chunks": p.num_chunks,
+            "com.anemll.batch_size": o.batch_size, "com.anemll.lut_bits": lut_name(bits),
+            "com.anemll.info": f"anemlld {__version__}"}
+    if chunk_no is not None:
+        meta["com.anemll.chunk_no"] = chunk_no
+    if functions:
+        meta["com.anemll.functions"] = functions
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _save(model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".saving.mlpackage")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    tmp.rename(path)
+
+
+def _quantized(st: _Stages, name: str, model, bits: int | None, p: Plan, op_type: str, weight: float):
+    if bits is None:
+        return model
+    return st.run("quantize", name, weight, export.palettize, model, bits, p.options.lut_group_size, op_type)
+
+
+def _build_embeddings(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) -> None:
+    name = p.parts[0]
+    target = work / f"{name}.mlpackage"
+    if target.exists():
+        st.done += w * (1 + q)
+        return
+    lm = build(p.architecture, p.args, layers=range(0), embeddings=True, lm_head=False,
+               context_length=p.options.context_length)
+    lm.load_weights(p.source.get)
+    model = st.run("export", name, w, export.export_embeddings, lm, shapes)
+    del lm
+    model = _quantized(st, name, model, p.options.lut_embeddings, p, "gather", w * q)
+    export.set_metadata(model, _metadata(p, p.options.lut_embeddings), "token embeddings")
+    _save(model, target)
+    gc.collect()
+
+
+def _build_head(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) -> None:
+    name = p.parts[-1]
+    target = work / f"{name}.mlpackage"
+    if target.exists():
+        st.done += w * (1 + q)
+        return
+    lm = build(p.architecture, p.args, layers=range(0), embeddings=False, lm_head=True,
+               lm_head_split=p.lm_head_split, context_length=p.options.context_length)
+    lm.load_weights(p.source.get)
+    model = st.run("export", name, w, export.export_head, lm, shapes)
+    del lm
+    model = _quantized(st, name, model, p.options.lut_lm_head, p, "conv", w * q)
+    export.set_metadata(model, _metadata(p, p.options.lut_lm_head), f"LM head in {p.lm_head_split} parts")
+    _save(model, target)
+    gc.collect()
+
+
+def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: range, w: float,
+                 q: float) -> None:
+    name = p.parts[1 + index]
+    target = work / f"{name}.mlpackage"
+    if target.exists():
+        st.done += w * (2 + 2 * q)
+        return
+    lm = build(p.architecture, p.args, layers=layers, embeddings=False, lm_head=False,
+               context_length=p.options.context_length)
+    lm.load_weights(p.source.get)
+    bits = p.options.lut_ffn
+    fn_paths = {}
+    # Both functions come from the same fp16 weights and a deterministic
+    # k-means, so their quantized weights are byte-identical and stored once.
+    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
+        path = work / f"{name}.{fn}.mlpackage"
+        fn_paths[fn] = path
+        if path.exists():
+            st.done += w * (1 + q)
+            continue
+        model = st.run("export", f"{name} ({fn})", w, export.export_chunk, lm, shapes, prefill)
+        model = _quantized(st, f"{name} ({fn})", model, bits, p, "conv", w * q)
+        _save(model, path)
+        del model
+        gc.collect()
+    del lm
+    meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
+    desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
+    st.run("combine", name, 0.0, export.combine, fn_paths[export.INFER], fn_paths[export.PREFILL], target,
+           meta, desc)
+    for path in fn_paths.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, float]) -> None:
+    o, args = p.options, p.args
+    ext = ".mlmodelc" if compiled else ".mlpackage"
+    params = {
+        "context_length": o.context_length,
+        "batch_size": o.batch_size,
+        "lut_embeddings": o.lut_embeddings or "none",
+        "lut_ffn": o.lut_ffn or "none",
+        "lut_lmhead": o.lut_lm_head or "none",
+        "num_chunks": p.num_chunks,
+        "model_prefix": p.prefix,
+        "embeddings": p.parts[0] + ext,
+        "lm_head": p.parts[-1] + ext,
+        "ffn": layout.ffn_base(p.prefix, o.lut_ffn) + ext,
+        "split_lm_head": p.lm_head_split,
+        "lm_head_chunk_sizes": split_sizes(args.vocab_size, p.lm_head_split),
+        "state_length": o.context_length,
+        "vocab_size": args.vocab_size,
+        "tokenizer_path": ".",
+        "lut_group_size": o.lut_group_size,
+    }
+    layout.write_meta(work, f"anemll-{p.source.path.name}-ctx{o.context_length}", __version__, p.architecture,
+                      params)
+    for f in p.source.tokenizer_files():
+        shutil.copy2(f, work / f.name)
+    manifest = {
+        "converter": f"anemlld {__version__}",
+        "fingerprint": p.fingerprint,
+        "complete": True,
+        "source": str(p.source.path),
+        "architecture": p.architecture,
+        "options": o.to_mapping(),
+        "chunks": [[r.start, r.stop] for r in p.chunk_ranges],
+        "compiled": compiled,
+        "compile_note": note,
+        "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (work / layout.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Swap the finished work folder into place; an old output of ours is
+    moved aside first and removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""A Hugging Face model folder as the converter reads it: config.json, the
+safetensors shards (memory-mapped, one tensor at a time), tokenizer files.
+Every way such a folder can be broken ends here in a :class:`BadInput`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import BadInput
+from shared.options import ARCHITECTURES
+
+# Copied next to the converted parts so the runtime has tokenizer and chat template.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json", "config.json",
+    "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def detect_architecture(cfg: dict[str, Any]) -> str:
+    from anemlld.convert.models import MODEL_TYPES
+
+    model_type = str(cfg.get("model_type", "")).lower()
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    for name in cfg.get("architectures") or []:
+        for key, arch in MODEL_TYPES.items():
+            if str(name).lower().startswith(key):
+                return arch
+    found = model_type or ", ".join(cfg.get("architectures") or []) or "unknown"
+    raise BadInput(f"unsupported architecture {found!r}", f"supported: {', '.join(ARCHITECTURES)}",
+                   stage="inspect")
+
+
+@dataclass
+class HFSource:
+    path: Path
+    config: dict[str, Any]
+    shards: dict[str, Path]  # tensor name -> shard file
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "HFSource":
+        path = Path(path).expanduser().resolve()
+        if not path.is_dir():
+            raise BadInput(f"{path} is not a folder", "pass the Hugging Face model folder", stage="inspect")
+        config = read_config(path)
+        return cls(path, config, index_tensors(path))
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self.shards.values()))
+
+    def get(self, name: str):
+        """One tensor, read from its memory-mapped shard."""
+        from safetensors import safe_open
+
+        shard = self.shards.get(name)
+        if shard is None:
+            raise BadInput(f"weight {name} is missing from the checkpoint",
+                           "the weights do not match config.json; re-download the model", stage="load")
+        handle = self._handles.get(shard)
+        if handle is None:
+            try:
+                handle = self._handles[shard] = safe_open(str(shard), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise _corrupt(shard, e) from None
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise _corrupt(shard, e) from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def fingerprint_parts(self) -> list[str]:
+        """What identifies this input: names, sizes and mtimes of the files read."""
+        files = [self.path / "config.json", *self.weight_files, *self.tokenizer_files()]
+        out = []
+        for f in sorted(set(files)):
+            st = f.stat()
+            out.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return out
+
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise BadInput(f"{path} has no config.json", "copy the whole Hugging Face model folder, config.json included",
+                       stage="inspect")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"config.json in {path} cannot be read: {e}",
+                       "replace it with the model's original config.json", stage="inspect") from None
+    if not isinstance(cfg, dict):
+        raise BadInput(f"config.json in {path} is not a JSON object",
+                       "replace it with the model's original config.json", stage="inspect")
+    return cfg
+
+
+def index_tensors(path: Path) -> dict[str, Path]:
+    """Tensor name -> shard, checking that every shard exists and its header parses."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInput(f"{INDEX_FILE} cannot be read: {e}", "re-download the model", stage="inspect") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise BadInput(f"weight shard {missing[0]} is listed in {INDEX_FILE} but not in the folder"
+                           + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""),
+                           "the copy is incomplete: copy the missing shards, then convert again", stage="inspect")
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            bins = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+            hint = ("only PyTorch .bin weights found; save the model with safetensors (save_pretrained(..., "
+                    "safe_serialization=True))" if bins else "copy the model's .safetensors files into the folder")
+            raise BadInput(f"{path} has no safetensors weights", hint, stage="inspect")
+    shards: dict[str, Path] = {}
+    for name in files:
+        shard = path / name
+        for tensor in safetensors_header(shard):
+            shards[tensor] = shard
+    return shards
+
+
+def safetensors_header(shard: Path) -> list[str]:
+    """Tensor names from a shard's header, checking the header and the data size
+    agree (a truncated or corrupt file fails here, before any work)."""
+    try:
+        with shard.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(n))
+        size = shard.stat().st_size
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"file is {size} bytes but its header needs {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _corrupt(shard, e) from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def _corrupt(shard: Path, err: Exception) -> BadInput:
+    return BadInput(f"{shard.name} is not a readable safetensors file ({err})",
+                    "the file is corrupt or truncated: copy it again from the original", stage="inspect")
+
+
+def fingerprint(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,120 @@
+"""The converted-model folder: part file names and ``meta.yaml``, as the
+Apple-side runtimes of the ANEMLL ecosystem expect them. The converter writes
+this layout; the runtime reads it (ours or one ANEMLL made)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import BadInput
+
+META_FILE = "meta.yaml"
+MANIFEST_FILE = "anemlld.json"  # marks a folder as ours; holds fingerprint and options
+
+
+def _lut_suffix(bits: int | None) -> str:
+    return f"_lut{bits}" if bits else ""
+
+
+def embeddings_name(prefix: str, bits: int | None) -> str:
+    return f"{prefix}_embeddings{_lut_suffix(bits)}"
+
+
+def lm_head_name(prefix: str, bits: int | None) -> str:
+    return f"{prefix}_lm_head{_lut_suffix(bits)}"
+
+
+def ffn_base(prefix: str, bits: int | None) -> str:
+    return f"{prefix}_FFN_PF{_lut_suffix(bits)}"
+
+
+def chunk_name(prefix: str, bits: int | None, index: int, count: int) -> str:
+    """``index`` counts from 0; file names count from 01."""
+    return f"{ffn_base(prefix, bits)}_chunk_{index + 1:02d}of{count:02d}"
+
+
+@dataclass
+class Layout:
+    """A converted model folder, resolved to the files that exist."""
+
+    root: Path
+    params: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.params["context_length"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params.get("batch_size", 64))
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.params["num_chunks"])
+
+    @property
+    def split_lm_head(self) -> int:
+        return int(self.params.get("split_lm_head", 8))
+
+    @property
+    def architecture(self) -> str:
+        return str(self.info.get("architecture", "llama"))
+
+    def _resolve(self, name: str) -> Path:
+        """A part named in meta.yaml, with either extension (compiled or not)."""
+        stem = name
+        for ext in (".mlmodelc", ".mlpackage"):
+            if stem.endswith(ext):
+                stem = stem[: -len(ext)]
+        for ext in (".mlmodelc", ".mlpackage"):
+            p = self.root / (stem + ext)
+            if p.exists():
+                return p
+        raise BadInput(f"{self.root.name}/meta.yaml names {name}, which is not in the folder",
+                       "the converted model is incomplete: convert it again", stage="load")
+
+    def part(self, kind: str, prefer: str = ".mlmodelc") -> Path:
+        """``embeddings`` or ``lm_head``: the file, preferring ``prefer``."""
+        p = self._resolve(str(self.params[kind]))
+        return _prefer(p, prefer)
+
+    def chunks(self, prefer: str = ".mlmodelc") -> list[Path]:
+        ffn = str(self.params["ffn"])
+        for ext in (".mlmodelc", ".mlpackage"):
+            if ffn.endswith(ext):
+                ffn = ffn[: -len(ext)]
+        n = self.num_chunks
+        return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
+
+
+def _prefer(p: Path, ext: str) -> Path:
+    alt = p.with_suffix(ext)
+    return alt if alt.exists() else p
+
+
+def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any]) -> None:
+    doc = {"model_info": {"name": name, "version": version, "architecture": architecture,
+                          "parameters": params}}
+    (root / META_FILE).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def read_meta(root: str | Path) -> Layout:
+    root = Path(root)
+    path = root / META_FILE
+    if not path.is_file():
+        raise BadInput(f"{root} has no {META_FILE}", "convert the model first (anemlld convert SRC --out DIR)",
+                       stage="load")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        info = dict(doc["model_info"])
+        params = dict(info.pop("parameters"))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
+    missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
+    if missing:
+        raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
+    return Layout(root, params, info)

@@ -1,0 +1,1 @@
+"""What daemon and client agree on: errors, options, protocol, settings. No torch here."""
