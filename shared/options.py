@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +19,8 @@ def parse_lut(key: str, value: Any) -> int | None:
     """``none``/4/6/8 (strings or ints) -> bits or None."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "no", "off", "")):
         return None
-    try:
-        bits = int(value)
-    except (TypeError, ValueError):
-        bits = -1
-    if bits not in (4, 6, 8) or isinstance(value, bool):
+    bits = _whole_number(value)
+    if bits not in (4, 6, 8):
         raise BadInput(f"{key} = {value!r} is not a LUT size", f"use one of none, 4, 6, 8 for {key}")
     return bits
 
@@ -29,8 +29,28 @@ def lut_name(bits: int | None) -> str:
     return "none" if bits is None else str(bits)
 
 
+def parse_option(key: str, value: Any) -> Any:
+    """One user-facing option, checked and normalized (``"4"`` -> 4, ``"AUTO"`` -> "auto")."""
+    if key.startswith("lut_") and key != "lut_group_size":
+        return parse_lut(key, value)
+    if key in ("context_length", "batch_size", "max_chunk_mb", "lut_group_size"):
+        return _positive_int(key, value)
+    if key == "chunks":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return _positive_int(key, value, extra='or "auto"')
+    if key == "architecture":
+        return _architecture(value)
+    if key == "prefix":
+        return _prefix(value)
+    raise KeyError(key)
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
+    """Valid by construction: every way of making one (CLI, sidecar, code,
+    ``dataclasses.replace``) goes through the same checks."""
+
     context_length: int = 512
     batch_size: int = 64
     chunks: int | str = "auto"  # an integer or "auto"
@@ -45,50 +65,31 @@ class ConvertOptions:
     KEYS = ("context_length", "batch_size", "chunks", "max_chunk_mb", "lut_embeddings",
             "lut_ffn", "lut_lm_head", "prefix", "architecture")
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, parse_option(f.name, getattr(self, f.name)))
+        self.check()
+
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], where: str = "options") -> "ConvertOptions":
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "options") -> "ConvertOptions":
         """Build from user-facing names (sidecar table or CLI), validating each key."""
-        unknown = sorted(set(values) - set(cls.KEYS))
+        if not isinstance(values, Mapping):
+            raise BadInput(f"{where} is not a table of options", f"valid keys are: {', '.join(cls.KEYS)}")
+        unknown = sorted(str(k) for k in values if k not in cls.KEYS)
         if unknown:
-            raise BadInput(f"unknown key {unknown[0]!r} in {where}",
-                           f"valid keys are: {', '.join(cls.KEYS)}")
-        kw: dict[str, Any] = {}
-        for key, value in values.items():
-            if key.startswith("lut_"):
-                kw[key] = parse_lut(key, value)
-            elif key in ("context_length", "batch_size", "max_chunk_mb"):
-                kw[key] = _positive_int(key, value)
-            elif key == "chunks":
-                if isinstance(value, str) and value.strip().lower() == "auto":
-                    kw[key] = "auto"
-                else:
-                    kw[key] = _positive_int(key, value, extra="or \"auto\"")
-            elif key == "architecture":
-                if value is not None:
-                    name = str(value).strip().lower()
-                    if name not in ARCHITECTURES:
-                        raise BadInput(f"unsupported architecture {value!r}",
-                                       f"supported: {', '.join(ARCHITECTURES)}")
-                    kw[key] = name
-            elif key == "prefix":
-                if value is not None:
-                    if not isinstance(value, str) or not value or not value.replace("_", "").replace("-", "").isalnum():
-                        raise BadInput(f"prefix = {value!r} is not a usable file-name prefix",
-                                       "use letters, digits, '-' or '_' (for example \"llama\")")
-                    kw[key] = value
-        opts = cls(**kw)
-        opts.check()
-        return opts
+            raise BadInput(f"unknown key {unknown[0]!r} in {where}", _key_hint(unknown[0], cls.KEYS))
+        return cls(**values)
 
     def check(self) -> None:
         """Checks that need several options together."""
-        if self.context_length % self.batch_size:
-            raise BadInput(
-                f"context_length {self.context_length} is not a multiple of batch_size {self.batch_size}",
-                "choose a batch_size that divides context_length (for example 64 with 512)")
-        if self.batch_size > self.context_length:
-            raise BadInput(f"batch_size {self.batch_size} is larger than context_length {self.context_length}",
-                           "lower batch_size")
+        ctx, batch = self.context_length, self.batch_size
+        if batch > ctx:
+            raise BadInput(f"batch_size {batch} is larger than context_length {ctx}",
+                           f"lower batch_size to a divisor of {ctx}, such as {_divisor_below(ctx, batch)}")
+        if ctx % batch:
+            raise BadInput(f"context_length {ctx} is not a multiple of batch_size {batch}",
+                           f"set context_length to {ctx + batch - ctx % batch} "
+                           f"or batch_size to {_divisor_below(ctx, batch)}")
 
     def to_mapping(self) -> dict[str, Any]:
         """User-facing names and values (LUTs as none/4/6/8), e.g. for job records."""
@@ -99,15 +100,54 @@ class ConvertOptions:
         return out
 
 
-def _positive_int(key: str, value: Any, extra: str = "") -> int:
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int if it is one (3, "3", 3.0); None for bools, 2.5, "x"."""
     if isinstance(value, bool):
-        value = None
-    try:
-        n = int(value)
-        ok = n > 0 and (not isinstance(value, float) or value.is_integer())
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, (int, str)):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _positive_int(key: str, value: Any, extra: str = "") -> int:
+    n = _whole_number(value)
+    if n is None or n <= 0:
         raise BadInput(f"{key} = {value!r} is not a positive integer",
                        f"set {key} to a whole number above 0 {extra}".rstrip())
     return n
+
+
+def _architecture(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = str(value).strip().lower()
+    if name not in ARCHITECTURES:
+        raise BadInput(f"unsupported architecture {value!r} (supported: {', '.join(ARCHITECTURES)})",
+                       "leave architecture unset to detect it from config.json, or name one of the supported")
+    return name
+
+
+def _prefix(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.replace("_", "").replace("-", "").isalnum():
+        raise BadInput(f"prefix = {value!r} is not a usable file-name prefix",
+                       "use letters, digits, '-' or '_' (for example \"llama\")")
+    return value
+
+
+def _key_hint(key: str, keys: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), keys, n=1, cutoff=0.7)
+    valid = f"valid keys are: {', '.join(keys)}"
+    return f"did you mean {close[0]!r}? {valid}" if close else valid
+
+
+def _divisor_below(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit``."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return max(d for d in small + [n // d for d in small] if d <= limit)

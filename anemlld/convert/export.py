@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# coremltools draws a tqdm bar for every pass; our progress reporting replaces
+# them. tqdm reads this when first imported, so it is set before any import.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
 from torch import nn
 
 from anemlld import __version__
@@ -27,10 +32,8 @@ INFER, PREFILL = "infer", "prefill"
 
 
 def _ct():
-    # coremltools logs "Failed to load ..." lines on Linux at import and draws
-    # tqdm bars for every pass; our own progress reporting replaces both.
+    # coremltools logs "Failed to load ..." lines on Linux at import.
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import coremltools as ct
@@ -96,9 +99,19 @@ def _convert(traced, inputs, outputs, states=None):
         return ct.convert(traced, **kw)
 
 
+def _fp32_with_fp16_state(lm: AneLM) -> AneLM:
+    """Trace in fp32 (coremltools' torch frontend mishandles fp16 conv biases)
+    and let ``compute_precision=FLOAT16`` make the program fp16; the KV cache is
+    fp16 already because Core ML states must be."""
+    lm = lm.float()
+    if hasattr(lm.model, "kv_cache_0"):
+        lm.model.kv_cache_0 = lm.model.kv_cache_0.half()
+    return lm
+
+
 def export_embeddings(lm: AneLM, shapes: Shapes):
     ct = _ct()
-    lm = lm.half()
+    lm = _fp32_with_fp16_state(lm)
     traced = _trace(EmbeddingsPart(lm), (torch.zeros(1, 1, dtype=torch.int32),))
     ids = ct.TensorType(name="input_ids", dtype=np.int32,
                         shape=ct.EnumeratedShapes(shapes=[(1, 1), (1, shapes.batch)], default=(1, 1)))
@@ -107,11 +120,11 @@ def export_embeddings(lm: AneLM, shapes: Shapes):
 
 def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool):
     ct = _ct()
-    lm = lm.half()
+    lm = _fp32_with_fp16_state(lm)
     seq = shapes.batch if prefill else 1
     positions = torch.arange(seq, dtype=torch.int32)
-    example = (torch.zeros(1, seq, shapes.hidden, dtype=torch.float16), positions,
-               causal_mask(positions, shapes.context, torch.float16), torch.zeros(1, dtype=torch.int32))
+    example = (torch.zeros(1, seq, shapes.hidden), positions, causal_mask(positions, shapes.context),
+               torch.zeros(1, dtype=torch.int32))
     traced = _trace(ChunkPart(lm, prefill), example)
     lm.reset_cache()  # tracing ran the model once; the state must start empty
     inputs = [
@@ -126,8 +139,8 @@ def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool):
 
 def export_head(lm: AneLM, shapes: Shapes):
     ct = _ct()
-    lm = lm.half()
-    traced = _trace(HeadPart(lm), (torch.zeros(1, 1, shapes.hidden, dtype=torch.float16),))
+    lm = _fp32_with_fp16_state(lm)
+    traced = _trace(HeadPart(lm), (torch.zeros(1, 1, shapes.hidden),))
     outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
     return _convert(traced, inputs, outputs)

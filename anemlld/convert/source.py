@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ TOKENIZER_FILES = (
 )
 
 INDEX_FILE = "model.safetensors.index.json"
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def detect_architecture(cfg: dict[str, Any]) -> str:
@@ -33,9 +35,10 @@ def detect_architecture(cfg: dict[str, Any]) -> str:
         for key, arch in MODEL_TYPES.items():
             if str(name).lower().startswith(key):
                 return arch
-    found = model_type or ", ".join(cfg.get("architectures") or []) or "unknown"
-    raise BadInput(f"unsupported architecture {found!r}", f"supported: {', '.join(ARCHITECTURES)}",
-                   stage="inspect")
+    found = model_type or ", ".join(map(str, cfg.get("architectures") or [])) or "unknown"
+    raise BadInput(f"unsupported architecture {found!r} (supported: {', '.join(ARCHITECTURES)})",
+                   "convert a model of a supported architecture; if this one is a renamed variant of one, "
+                   "pass --architecture (architecture = ... in anemll.toml)", stage="inspect")
 
 
 @dataclass
@@ -48,10 +51,15 @@ class HFSource:
     @classmethod
     def open(cls, path: str | Path) -> "HFSource":
         path = Path(path).expanduser().resolve()
+        if not path.exists():
+            raise BadInput(f"{path} does not exist", "pass the path of the Hugging Face model folder",
+                           stage="inspect")
         if not path.is_dir():
             raise BadInput(f"{path} is not a folder", "pass the Hugging Face model folder", stage="inspect")
         config = read_config(path)
-        return cls(path, config, index_tensors(path))
+        shards = index_tensors(path)
+        check_layers(config, shards)
+        return cls(path, config, shards)
 
     @property
     def weight_files(self) -> list[Path]:
@@ -115,11 +123,7 @@ def index_tensors(path: Path) -> dict[str, Path]:
     """Tensor name -> shard, checking that every shard exists and its header parses."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BadInput(f"{INDEX_FILE} cannot be read: {e}", "re-download the model", stage="inspect") from None
-        files = sorted(set(weight_map.values()))
+        files = read_index(index)
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise BadInput(f"weight shard {missing[0]} is listed in {INDEX_FILE} but not in the folder"
@@ -140,6 +144,47 @@ def index_tensors(path: Path) -> dict[str, Path]:
     return shards
 
 
+def read_index(index: Path) -> list[str]:
+    """The shard file names an index lists (plain names inside the folder)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or not f]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a shard file name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadInput(f"{INDEX_FILE} cannot be read: {e}", "re-download the model's index and shards",
+                       stage="inspect") from None
+    return files
+
+
+def check_layers(config: dict[str, Any], shards: dict[str, Path]) -> None:
+    """Every decoder layer config.json announces, and no other, is in the
+    weights with the same tensors as layer 0, so a stale config or a partial
+    checkpoint fails here rather than midway through a conversion."""
+    layers: dict[int, set[str]] = {}
+    for name in shards:
+        m = _LAYER_TENSOR.fullmatch(name)
+        if m:
+            layers.setdefault(int(m[1]), set()).add(m[2])
+    n = config.get("num_hidden_layers")
+    if not layers or not isinstance(n, int) or isinstance(n, bool):
+        return  # not a layout we know, or a config error reported with the model's arguments
+    hint = "config.json and the weights disagree: re-download the model, or restore its original config.json"
+    if sorted(layers) != list(range(n)):
+        found = f"layers {min(layers)}-{max(layers)}" if len(layers) > 1 else f"layer {min(layers)}"
+        absent = [i for i in range(n) if i not in layers]
+        detail = f"; layer {absent[0]} is missing" if absent and max(layers) >= absent[0] else ""
+        raise BadInput(f"config.json has num_hidden_layers = {n} but the weights hold {len(layers)} decoder "
+                       f"layers ({found}{detail})", hint, stage="inspect")
+    for i in range(1, n):
+        missing = sorted(layers[0] - layers[i])
+        if missing:
+            raise BadInput(f"weight model.layers.{i}.{missing[0]} is missing from the checkpoint"
+                           + (f" (and {len(missing) - 1} more in layer {i})" if len(missing) > 1 else ""),
+                           hint, stage="inspect")
+
+
 def safetensors_header(shard: Path) -> list[str]:
     """Tensor names from a shard's header, checking the header and the data size
     agree (a truncated or corrupt file fails here, before any work)."""
@@ -149,10 +194,12 @@ def safetensors_header(shard: Path) -> list[str]:
             if len(raw) != 8:
                 raise ValueError("file is shorter than a safetensors header")
             (n,) = struct.unpack("<Q", raw)
+            size = shard.stat().st_size
             if n > 100_000_000:
                 raise ValueError("header length is implausible")
+            if 8 + n > size:
+                raise ValueError(f"file is {size} bytes but its header claims {8 + n}")
             header = json.loads(f.read(n))
-        size = shard.stat().st_size
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise ValueError(f"file is {size} bytes but its header needs {8 + n + end}")

@@ -1,0 +1,1 @@
+"""Running converted parts: executors (Core ML, portable) and the generation engine."""

@@ -1,0 +1,225 @@
+"""Whole conversions of tiny models of each architecture, inspected through
+coremltools' own spec reader, plus resuming and re-running."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anemlld import layout
+from anemlld.convert import export, pipeline
+from shared.options import ConvertOptions
+from tests.conftest import ARCHS, TINY
+
+CTX, BATCH = 64, 16
+OPTIONS = dict(context_length=CTX, batch_size=BATCH, chunks=2, lut_embeddings=8, lut_ffn=4, lut_lm_head=6)
+STATE = "model_model_kv_cache_0"  # coremltools turns the buffer's dots into underscores
+
+
+def spec_of(path: Path):
+    import coremltools as ct
+
+    return ct.utils.load_spec(str(path))
+
+
+def op_types(spec, function: str) -> list[str]:
+    fn = spec.mlProgram.functions[function]
+    return [op.type for block in fn.block_specializations.values() for op in block.operations]
+
+
+def array_shape(feature) -> tuple[int, ...]:
+    return tuple(feature.type.multiArrayType.shape)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory) -> dict[str, tuple[Path, list]]:
+    out = {}
+    for arch in ARCHS:
+        events: list[pipeline.Progress] = []
+        dest = tmp_path_factory.mktemp("out") / f"{arch}-ane"
+        pipeline.convert(tiny_models[arch], dest, ConvertOptions.from_mapping(OPTIONS), progress=events.append)
+        out[arch] = (dest, events)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conversion_writes_the_anemll_layout(arch, converted):
+    dest, _ = converted[arch]
+    prefix = "llama" if arch == "llama" else "qwen"
+    meta = yaml.safe_load((dest / "meta.yaml").read_text())["model_info"]
+    p = meta["parameters"]
+    assert meta["architecture"] == arch
+    assert p["context_length"] == CTX and p["batch_size"] == BATCH and p["num_chunks"] == 2
+    assert (p["lut_embeddings"], p["lut_ffn"], p["lut_lmhead"]) == (8, 4, 6)
+    assert p["embeddings"] == f"{prefix}_embeddings_lut8.mlpackage"
+    assert p["lm_head"] == f"{prefix}_lm_head_lut6.mlpackage"
+    assert p["ffn"] == f"{prefix}_FFN_PF_lut4.mlpackage"
+    assert p["split_lm_head"] == (8 if arch == "llama" else 16)
+    assert sum(p["lm_head_chunk_sizes"]) == p["vocab_size"] == 4096
+    for name in (p["embeddings"], p["lm_head"], f"{prefix}_FFN_PF_lut4_chunk_01of02.mlpackage",
+                 f"{prefix}_FFN_PF_lut4_chunk_02of02.mlpackage", "tokenizer.json", "tokenizer_config.json",
+                 "config.json", "anemlld.json"):
+        assert (dest / name).exists(), name
+    # the runtime-side reader resolves the same files
+    lay = layout.read_meta(dest)
+    assert [c.name for c in lay.chunks()] == [f"{prefix}_FFN_PF_lut4_chunk_0{i}of02.mlpackage" for i in (1, 2)]
+    # nothing temporary left beside the output
+    assert sorted(x.name for x in dest.parent.iterdir()) == [dest.name]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunks_carry_infer_and_prefill_over_one_kv_state(arch, converted):
+    dest, _ = converted[arch]
+    cfg = TINY[arch]
+    hidden, layers, kv_heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim", hidden // cfg["num_attention_heads"])
+    chunks = layout.read_meta(dest).chunks()
+    for i, chunk in enumerate(chunks):
+        spec = spec_of(chunk)
+        desc = spec.description
+        assert [f.name for f in desc.functions] == ["infer", "prefill"]
+        assert desc.defaultFunctionName == "infer"
+        for fn in desc.functions:
+            seq = 1 if fn.name == "infer" else BATCH
+            inputs = {x.name: array_shape(x) for x in fn.input}
+            assert inputs == {"hidden_states": (1, seq, hidden), "position_ids": (seq,),
+                              "causal_mask": (1, 1, seq, CTX), "current_pos": (1,)}
+            assert [o.name for o in fn.output] == ["output_hidden_states"]
+            (state,) = fn.state
+            assert state.name == STATE
+            assert tuple(state.type.stateType.arrayType.shape) == (2 * layers, kv_heads, CTX, head_dim)
+            assert state.type.stateType.arrayType.dataType == 65552  # FLOAT16
+            ops = op_types(spec, fn.name)
+            # every projection weight is a 4-bit LUT: one lut_to_dense per conv
+            assert ops.count("constexpr_lut_to_dense") == ops.count("conv") > 0
+            # coreml_update_state is serialized as write_state (+ read_state)
+            assert "read_state" in ops and "write_state" in ops
+        meta = dict(desc.metadata.userDefined)
+        assert meta["com.anemll.context_length"] == str(CTX)
+        assert meta["com.anemll.num_chunks"] == "2"
+        assert meta["com.anemll.chunk_no"] == str(i + 1)
+        assert meta["com.anemll.batch_size"] == str(BATCH)
+        assert meta["com.anemll.lut_bits"] == "4"
+        assert meta["com.anemll.functions"] == "infer,prefill"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embeddings_and_split_head_have_the_reference_interfaces(arch, converted):
+    dest, _ = converted[arch]
+    hidden = TINY[arch]["hidden_size"]
+    lay = layout.read_meta(dest)
+    emb = spec_of(lay.part("embeddings"))
+    (ids,) = emb.description.input
+    assert ids.name == "input_ids"
+    shapes = {tuple(s.shape) for s in ids.type.multiArrayType.enumeratedShapes.shapes}
+    assert shapes == {(1, 1), (1, BATCH)}
+    assert [o.name for o in emb.description.output] == ["hidden_states"]
+    assert "constexpr_lut_to_dense" in op_types(emb, "main")
+
+    head = spec_of(lay.part("lm_head"))
+    (h,) = head.description.input
+    assert (h.name, array_shape(h)) == ("hidden_states", (1, 1, hidden))
+    k = lay.split_lm_head
+    assert [o.name for o in head.description.output] == [f"logits{i}" for i in range(1, k + 1)]
+    ops = op_types(head, "main")
+    assert ops.count("constexpr_lut_to_dense") == ops.count("conv") == k
+    assert dict(head.description.metadata.userDefined)["com.anemll.lut_bits"] == "6"
+
+
+def test_uneven_layer_counts_are_balanced_never_dropped(converted):
+    dest, _ = converted["llama"]  # 3 layers in 2 chunks
+    manifest = json.loads((dest / "anemlld.json").read_text())
+    assert manifest["chunks"] == [[0, 2], [2, 3]]
+    for layers in range(1, 13):
+        for n in range(1, layers + 1):
+            ranges = pipeline.split_layers(layers, n)
+            assert [i for r in ranges for i in r] == list(range(layers))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_auto_chunks_pick_the_fewest_under_the_size_limit(tiny_models):
+    from anemlld.convert.models import ARCHITECTURES
+    from anemlld.convert.source import HFSource
+
+    args = ARCHITECTURES["llama"].model_args(HFSource.open(tiny_models["llama"]).config)
+    one_layer = pipeline.chunk_bytes(args, 1, 4)
+    big = ConvertOptions.from_mapping({"chunks": "auto", "max_chunk_mb": 1})
+    assert pipeline.choose_chunks(args, big) == 1
+    # a limit that admits two layers but not three -> two chunks (2 + 1 layers)
+    limit = ConvertOptions(chunks="auto", max_chunk_mb=1)
+    object.__setattr__(limit, "max_chunk_mb", (2 * one_layer + 1) / pipeline.MB)
+    assert pipeline.choose_chunks(args, limit) == 2
+
+
+def test_progress_reports_every_stage_in_order(converted):
+    _, events = converted["qwen3"]
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = [e.stage for e in events]
+    for stage in ("inspect", "export", "quantize", "combine", "compile", "publish", "done"):
+        assert stage in stages
+    compile_note = next(e.message for e in events if e.stage == "compile")
+    assert "macOS" in compile_note or compile_note == ""
+    parts = {e.part for e in events if e.stage == "quantize"}
+    assert "qwen_FFN_PF_lut4_chunk_02of02 (prefill)" in parts
+
+
+def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_models, tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    opts = ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": "none", "lut_ffn": "none", "lut_lm_head": "none"})
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # as if killed while exporting the head
+
+    monkeypatch.setattr(export, "export_head", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.convert(tiny_models["qwen2"], dest, opts)
+    assert not dest.exists()  # nothing that looks finished
+    work = tmp_path / ".out.partial"
+    assert (work / "qwen_FFN_PF_chunk_02of02.mlpackage").exists()
+    monkeypatch.undo()
+
+    exported = []
+    real = export.export_chunk
+    monkeypatch.setattr(export, "export_chunk", lambda *a, **k: exported.append(1) or real(*a, **k))
+    result = pipeline.convert(tiny_models["qwen2"], dest, opts)
+    assert exported == []  # both chunks came from the first run
+    assert not result.reused and (dest / "qwen_lm_head.mlpackage").exists()
+    assert not work.exists()
+
+    again = pipeline.convert(tiny_models["qwen2"], dest, opts)
+    assert again.reused  # same inputs and options: nothing to do
+    other = pipeline.convert(tiny_models["qwen2"], dest, ConvertOptions.from_mapping({**OPTIONS, "lut_ffn": "none",
+                                                                                       "lut_embeddings": "none"}))
+    assert not other.reused and (dest / "qwen_lm_head_lut6.mlpackage").exists()
+    assert not (dest / "qwen_lm_head.mlpackage").exists()
+
+
+def test_combined_chunk_stores_shared_weights_once(tmp_path):
+    """infer + prefill in one package costs no more than 5% over one function
+    (the program text; the LUT weights are byte-identical and stored once).
+    Shaped like a real layer (wide MLP) so weights dominate as they do in real models."""
+    from anemlld.convert.models import build
+    from anemlld.convert.models.base import ModelArgs
+
+    args = ModelArgs(hidden_size=512, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
+                     num_key_value_heads=8, head_dim=64, vocab_size=256, rms_norm_eps=1e-5, rope_theta=1e4,
+                     rope_scaling=None, tie_word_embeddings=True)
+    lm = build("llama", args, layers=range(1), embeddings=False, lm_head=False, context_length=CTX)
+    shapes = export.Shapes(512, CTX, BATCH, (2, 8, CTX, 64))
+    paths = {}
+    for fn, prefill in (("infer", False), ("prefill", True)):
+        model = export.palettize(export.export_chunk(lm, shapes, prefill), 4, 16, "conv")
+        paths[fn] = tmp_path / f"{fn}.mlpackage"
+        model.save(str(paths[fn]))
+    combined = tmp_path / "chunk.mlpackage"
+    export.combine(paths["infer"], paths["prefill"], combined, {"k": "v"}, "test")
+
+    def size(p: Path, pattern: str = "*") -> int:
+        return sum(f.stat().st_size for f in p.rglob(pattern) if f.is_file())
+
+    assert size(combined, "weight.bin") == size(paths["infer"], "weight.bin")
+    ratio = size(combined) / size(paths["infer"])
+    assert ratio <= 1.05, ratio
