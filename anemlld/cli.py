@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except AnemllError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # permissions, a full disk mid-write: no traceback for those
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -336,6 +336,7 @@ XV = (RNG.random((2, 3, 4)) - 0.5).astype(np.float32)
 W_CONV1 = RNG.random((4, 3, 2)).astype(np.float32)
 W_GROUPED = RNG.random((4, 1, 2, 2)).astype(np.float32)
 W_POINT, B_POINT = RNG.random((5, 2, 1, 1)).astype(np.float32), RNG.random(5).astype(np.float32)
+W_ONE = RNG.random((5, 6, 1, 1)).astype(np.float32)
 W_LIN, B_LIN = RNG.random((5, 4)).astype(np.float32), RNG.random(5).astype(np.float32)
 MASK = np.triu(np.full((3, 3), -1e4, np.float32), 1)
 
@@ -464,6 +465,9 @@ MIL_CASES = {
     "conv_pointwise_bias": (
         lambda x: mb.conv(x=mb.reshape(x=x, shape=[1, 2, 3, 4]), weight=W_POINT, bias=B_POINT),
         lambda x: F.conv2d(_t(x.reshape(1, 2, 3, 4)), _t(W_POINT), _t(B_POINT)).numpy()),
+    "conv_pointwise_one_position": (  # the decoding shape, (B, C, 1, 1)
+        lambda x: mb.conv(x=mb.reshape(x=x, shape=[4, 6, 1, 1]), weight=W_ONE, bias=B_POINT),
+        lambda x: F.conv2d(_t(x.reshape(4, 6, 1, 1)), _t(W_ONE), _t(B_POINT)).numpy()),
 }
 
 
@@ -509,8 +513,8 @@ def _state_program(build, tmp_path, name):
     return PortableModel(save(ml, tmp_path / f"{name}.mlpackage"), device="cpu")
 
 
-def _write_row(value, row):
-    return mb.slice_update(x=value, update=mb.identity(x=row), begin=[1, 0], end=[2, 4])
+def _write_row(value, row, index=1):
+    return mb.slice_update(x=value, update=mb.identity(x=row), begin=[index, 0], end=[index + 1, 4])
 
 
 def test_value_read_before_a_state_update_keeps_the_old_contents(tmp_path):
@@ -539,6 +543,18 @@ def test_state_read_between_write_and_store_sees_the_old_contents(tmp_path):
     y = model.predict({"x": np.full((1, 4), 5.0, np.float16)}, state)["y"]
     np.testing.assert_array_equal(y, [[2] * 4, [6] * 4, [2] * 4])
     np.testing.assert_array_equal(state["cache"].numpy(), [[1] * 4, [5] * 4, [1] * 4])
+
+
+def test_two_writes_then_one_store_land_both(tmp_path):
+    def build(x, cache):
+        both = _write_row(_write_row(mb.read_state(input=cache), x, 0), mb.mul(x=x, y=np.float16(2.0)), 2)
+        return mb.identity(x=mb.coreml_update_state(state=cache, value=both), name="y")
+
+    model = _state_program(build, tmp_path, "two_writes")
+    state = {"cache": torch.ones(3, 4, dtype=torch.float16)}
+    y = model.predict({"x": np.full((1, 4), 5.0, np.float16)}, state)["y"]
+    np.testing.assert_array_equal(y, [[5] * 4, [1] * 4, [10] * 4])
+    np.testing.assert_array_equal(state["cache"].numpy(), y)
 
 
 def test_outputs_do_not_alias_the_state(tmp_path):

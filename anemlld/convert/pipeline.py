@@ -107,12 +107,30 @@ def choose_chunks(args: ModelArgs, options: ConvertOptions) -> int:
                    "raise max_chunk_mb or use a smaller lut_ffn", stage="inspect")
 
 
+def check_checkpoint(arch: str, args: ModelArgs, source: HFSource) -> None:
+    """Every tensor the model reads is in the checkpoint with the shape
+    config.json implies; checked from the headers, before any work."""
+    import torch
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = build(arch, args, context_length=1)
+    hint = "the weights do not match config.json: re-download the model, or restore its original config.json"
+    for name, shape in model.checkpoint_shapes().items():
+        have = source.shapes.get(name)
+        if have is None:
+            raise BadInput(f"weight {name} is missing from the checkpoint", hint, stage="inspect")
+        if tuple(have) != shape:
+            raise BadInput(f"weight {name} has shape {tuple(have)}, config.json implies {shape}", hint,
+                           stage="inspect")
+
+
 def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     options.check()
     source = HFSource.open(src_dir)
     arch = options.architecture or detect_architecture(source.config)
     module = ARCHITECTURES[arch]
     args = module.model_args(source.config)
+    check_checkpoint(arch, args, source)
     n = choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
     split = DEFAULT_LM_HEAD_SPLIT[arch]
@@ -131,10 +149,12 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
 
 
 def _read_manifest(folder: Path) -> dict | None:
+    """Our manifest, or None when the folder has none (or one we did not write)."""
     try:
-        return json.loads((folder / layout.MANIFEST_FILE).read_text())
+        doc = json.loads((folder / layout.MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("fingerprint"), str) else None
 
 
 def check_output(out: Path) -> dict | None:
@@ -145,20 +165,25 @@ def check_output(out: Path) -> dict | None:
     if not out.is_dir():
         raise BadInput(f"{out} exists and is not a folder", "choose another --out", stage="inspect")
     manifest = _read_manifest(out)
+    if manifest is not None and not str(manifest.get("converter", "")).startswith("anemlld"):
+        manifest = None
     if manifest is None and any(out.iterdir()):
         raise BadInput(f"{out} exists and was not made by anemlld",
                        "choose another --out, or empty that folder if you mean to replace it", stage="inspect")
     return manifest
 
 
-def check_disk(p: Plan, work_parent: Path) -> None:
+def check_disk(p: Plan, out: Path) -> None:
     # The output plus the working copies of the largest chunk: fp16 export,
     # and the quantized infer and prefill packages before they are combined.
     largest = max(len(r) for r in p.chunk_ranges)
     need = p.estimated_bytes + 3 * chunk_bytes(p.args, largest, None)
-    free = shutil.disk_usage(work_parent).free
+    where = out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
     if free < need:
-        raise BadInput(f"not enough free disk in {work_parent}: about {need / MB:.0f} MB needed, "
+        raise BadInput(f"not enough free disk in {where}: about {need / MB:.0f} MB needed, "
                        f"{free / MB:.0f} MB free", "free some space or choose an --out on another disk",
                        stage="inspect")
 
@@ -200,10 +225,10 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
             progress(Progress("done", "", 1.0, "already converted with these inputs and options"))
         return Result(out, True, bool(existing.get("compiled")), existing.get("compile_note", ""),
                       0.0, {})
+    check_disk(p, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial"
     _prepare_work(work, p)
-    check_disk(p, out.parent)
 
     o, args = p.options, p.args
     emb_w = args.vocab_size * args.hidden_size
@@ -285,7 +310,7 @@ def _build_embeddings(p: Plan, shapes, work: Path, st: _Stages, w: float, q: flo
         return
     lm = build(p.architecture, p.args, layers=range(0), embeddings=True, lm_head=False,
                context_length=p.options.context_length)
-    lm.load_weights(p.source.get)
+    st.run("load", name, 0.0, lm.load_weights, p.source.get)
     model = st.run("export", name, w, export.export_embeddings, lm, shapes)
     del lm
     model = _quantized(st, name, model, p.options.lut_embeddings, p, "gather", w * q)
@@ -302,7 +327,7 @@ def _build_head(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) ->
         return
     lm = build(p.architecture, p.args, layers=range(0), embeddings=False, lm_head=True,
                lm_head_split=p.lm_head_split, context_length=p.options.context_length)
-    lm.load_weights(p.source.get)
+    st.run("load", name, 0.0, lm.load_weights, p.source.get)
     model = st.run("export", name, w, export.export_head, lm, shapes)
     del lm
     model = _quantized(st, name, model, p.options.lut_lm_head, p, "conv", w * q)
@@ -320,7 +345,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
         return
     lm = build(p.architecture, p.args, layers=layers, embeddings=False, lm_head=False,
                context_length=p.options.context_length)
-    lm.load_weights(p.source.get)
+    st.run("load", name, 0.0, lm.load_weights, p.source.get)
     bits = p.options.lut_ffn
     fn_paths = {}
     # Both functions come from the same fp16 weights and a deterministic

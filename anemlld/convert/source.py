@@ -46,6 +46,7 @@ class HFSource:
     path: Path
     config: dict[str, Any]
     shards: dict[str, Path]  # tensor name -> shard file
+    shapes: dict[str, tuple[int, ...]]  # tensor name -> shape, from the headers
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -57,9 +58,9 @@ class HFSource:
         if not path.is_dir():
             raise BadInput(f"{path} is not a folder", "pass the Hugging Face model folder", stage="inspect")
         config = read_config(path)
-        shards = index_tensors(path)
+        shards, shapes = index_tensors(path)
         check_layers(config, shards)
-        return cls(path, config, shards)
+        return cls(path, config, shards, shapes)
 
     @property
     def weight_files(self) -> list[Path]:
@@ -119,8 +120,8 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def index_tensors(path: Path) -> dict[str, Path]:
-    """Tensor name -> shard, checking that every shard exists and its header parses."""
+def index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """Tensor name -> shard and -> shape, checking that every shard exists and its header parses."""
     index = path / INDEX_FILE
     if index.is_file():
         files = read_index(index)
@@ -137,11 +138,13 @@ def index_tensors(path: Path) -> dict[str, Path]:
                     "safe_serialization=True))" if bins else "copy the model's .safetensors files into the folder")
             raise BadInput(f"{path} has no safetensors weights", hint, stage="inspect")
     shards: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
         shard = path / name
-        for tensor in safetensors_header(shard):
+        for tensor, shape in safetensors_header(shard).items():
             shards[tensor] = shard
-    return shards
+            shapes[tensor] = shape
+    return shards, shapes
 
 
 def read_index(index: Path) -> list[str]:
@@ -160,7 +163,7 @@ def read_index(index: Path) -> list[str]:
 
 def check_layers(config: dict[str, Any], shards: dict[str, Path]) -> None:
     """Every decoder layer config.json announces, and no other, is in the
-    weights with the same tensors as layer 0, so a stale config or a partial
+    weights, each with the same tensors, so a stale config or a partial
     checkpoint fails here rather than midway through a conversion."""
     layers: dict[int, set[str]] = {}
     for name in shards:
@@ -177,16 +180,17 @@ def check_layers(config: dict[str, Any], shards: dict[str, Path]) -> None:
         detail = f"; layer {absent[0]} is missing" if absent and max(layers) >= absent[0] else ""
         raise BadInput(f"config.json has num_hidden_layers = {n} but the weights hold {len(layers)} decoder "
                        f"layers ({found}{detail})", hint, stage="inspect")
-    for i in range(1, n):
-        missing = sorted(layers[0] - layers[i])
+    every = set().union(*layers.values())
+    for i in range(n):
+        missing = sorted(every - layers[i])
         if missing:
             raise BadInput(f"weight model.layers.{i}.{missing[0]} is missing from the checkpoint"
                            + (f" (and {len(missing) - 1} more in layer {i})" if len(missing) > 1 else ""),
                            hint, stage="inspect")
 
 
-def safetensors_header(shard: Path) -> list[str]:
-    """Tensor names from a shard's header, checking the header and the data size
+def safetensors_header(shard: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a shard's header, checking the header and the data size
     agree (a truncated or corrupt file fails here, before any work)."""
     try:
         with shard.open("rb") as f:
@@ -205,7 +209,10 @@ def safetensors_header(shard: Path) -> list[str]:
             raise ValueError(f"file is {size} bytes but its header needs {8 + n + end}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise _corrupt(shard, e) from None
-    return [k for k in header if k != "__metadata__"]
+    try:
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (KeyError, TypeError, ValueError) as e:
+        raise _corrupt(shard, e) from None
 
 
 def _corrupt(shard: Path, err: Exception) -> BadInput:

@@ -79,8 +79,6 @@ def _ct():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import coremltools
-
-        from coremltools.converters.mil.mil import types  # noqa: F401
     return coremltools
 
 
@@ -171,9 +169,6 @@ class _OpView:
 
     def out_dtype(self, i: int = 0) -> torch.dtype:
         return _torch_dtype(self.op.outputs[i].dtype)
-
-    def in_dtype(self, key: str) -> torch.dtype:
-        return _torch_dtype(self.op.inputs[key].dtype)
 
 
 _OPS: dict[str, Callable[[_OpView], Kernel]] = {}
@@ -853,9 +848,13 @@ def _conv(b: _OpView) -> Kernel:
                  and padding([1] * n) == [(0, 0)] * n)
     if pointwise:
         # A 1x1 conv is a matmul over the flattened spatial dims; torch's conv
-        # path is several times slower for the (1, C, 1, S) layout used here.
+        # path is several times slower for the (1, C, 1, S) layout used here,
+        # and for one position (decoding) fp16 `linear` beats a matrix-vector mm.
         def run_pointwise(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
             w2 = w.reshape(w.shape[0], w.shape[1])
+            if x.numel() == x.shape[0] * x.shape[1]:
+                y = F.linear(x.reshape(x.shape[0], x.shape[1]), w2, bias)
+                return y.reshape(x.shape[0], w.shape[0], *x.shape[2:])
             y = torch.matmul(w2, x.reshape(x.shape[0], x.shape[1], -1))
             if bias is not None:
                 y = y + bias[:, None]
@@ -1216,7 +1215,7 @@ class _FunctionCompiler:
             return self.values[var.name]
         if var.name in self.tensors:
             t = self.tensors[var.name]
-            self.values[var.name] = t.cpu().numpy() if t.dtype != torch.bfloat16 else t.float().cpu().numpy()
+            self.values[var.name] = t.cpu().numpy()
             return self.values[var.name]
         raise _Dynamic(var.name)
 
@@ -1266,12 +1265,10 @@ class _FunctionCompiler:
 
     # compile -------------------------------------------------------------
     def compile(self) -> _Program:
-        func = self.func
-        for name, var in func.inputs.items():
-            from coremltools.converters.mil.mil import types
+        from coremltools.converters.mil.mil import types
 
-            if types.is_state(var.sym_type):
-                self.state_names.add(name)
+        func = self.func
+        self.state_names = {name for name, var in func.inputs.items() if types.is_state(var.sym_type)}
         inputs = self._inputs()
         states = [StateSpec(name, tuple(int(d) for d in func.inputs[name].shape),
                             _torch_dtype(func.inputs[name].dtype)) for name in sorted(self.state_names)]
@@ -1353,6 +1350,8 @@ class _FunctionCompiler:
         ``constexpr_*`` weights are dequantized), return the runtime ops."""
         nodes = []
         for op in ops:
+            # Results coremltools already knew while loading never run, so
+            # their op types need no implementation here.
             if all(o.val is not None for o in op.outputs) and op.op_type not in _STATE_OPS:
                 for i, o in enumerate(op.outputs):
                     self._record_const(o, op, i)
@@ -1502,8 +1501,8 @@ def _plan_aliases(nodes: list[_Node], out_slots: set[int], fixed: dict[int, str]
                     continue  # already written in place; nothing is copied here
                 for v in stale(i, [("state", node.state)]):
                     roots = _roots(v, node.state, nodes, modes, defined)
-                    # Every state alias comes from a root; demoting all is the safe fallback.
-                    demote.update(roots or {j for j in touches[node.state] if modes[j] == "alias"})
+                    # Every state alias comes from a root; copying everywhere is the safe fallback.
+                    demote.update(roots or {j for j, m in modes.items() if m != "copy"})
             elif t == "slice_update" and modes[i] == "inplace":
                 x, y = node.ins["x"], node.outs[0]
                 bufs = buffers[x]
@@ -1514,7 +1513,7 @@ def _plan_aliases(nodes: list[_Node], out_slots: set[int], fixed: dict[int, str]
                 if states:
                     s = tied.get(x)
                     if len(states) > 1 or s is None or s not in states or not _stored_next(
-                            i, s, y, nodes, touches[s]):
+                            i, s, y, nodes, touches[s], tied):
                         demote.add(i)
                         continue
                 if buffers.get(node.ins["update"], frozenset()) & bufs:
@@ -1578,23 +1577,26 @@ def _roots(v: int, state: str, nodes: list[_Node], modes: dict[int, str], define
     return found
 
 
-def _stored_next(i: int, state: str, value_slot: int, nodes: list[_Node], touches: list[int]) -> bool:
-    """Whether the next op touching ``state`` after ``i`` stores exactly ``value_slot``."""
+def _stored_next(i: int, state: str, value_slot: int, nodes: list[_Node], touches: list[int],
+                 tied: dict[int, str]) -> bool:
+    """Whether the next op touching ``state`` after ``i`` stores ``value_slot``
+    (or a later in-place write of it: a value still tied to the state)."""
     for j in touches:
         if j > i:
             node = nodes[j]
-            return node.op.op_type == "coreml_update_state" and node.ins["value"] == value_slot
+            stored = node.ins.get("value")
+            return node.op.op_type == "coreml_update_state" and (stored == value_slot or tied.get(stored) == state)
     return False
 
 
 # --- the public model -----------------------------------------------------------------
 
 class PortableModel:
-    """A Core ML package, executed with torch.
+    """A Core ML package, executed with torch. For example::
 
-    >>> model = PortableModel("llama_FFN_PF_lut4_chunk_01of02.mlpackage")
-    >>> state = model.make_state()
-    >>> out = model.predict({"hidden_states": h, ...}, state, function="infer")
+        chunk = PortableModel("llama_FFN_PF_lut4_chunk_01of02.mlpackage")
+        state = chunk.make_state()  # shareable with the other chunks
+        out = chunk.predict({"hidden_states": h, ...}, state, function="prefill")
     """
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None):
@@ -1607,6 +1609,10 @@ class PortableModel:
         if not self.path.exists():
             raise AnemllError(f"{self.path} does not exist", "check the model folder",
                               stage="runtime", code="bad_input")
+        if self.path.suffix == ".mlmodelc":
+            raise AnemllError(f"{self.path.name} is compiled; the portable executor reads .mlpackage files",
+                              "keep the .mlpackage parts next to the .mlmodelc ones to run them off macOS",
+                              stage="runtime", code="unsupported_op")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spec = ct.utils.load_spec(str(self.path))
@@ -1632,9 +1638,10 @@ class PortableModel:
                                              self.device, keys, shared)
                 self._programs[name] = compiler.compile()
         self._states = self._collect_states()
+        consts = {t.data_ptr(): t for p in self._programs.values() for t in p.template if isinstance(t, Tensor)}
         log.info("loaded %s on %s: functions %s, %d steps, %.1f MB of constants, %.2f s",
                  self.path.name, self.device, names, sum(len(p.steps) for p in self._programs.values()),
-                 sum(t.numel() * t.element_size() for t in shared.values()) / 2**20,
+                 sum(t.numel() * t.element_size() for t in consts.values()) / 2**20,
                  time.perf_counter() - started)
 
     # description ---------------------------------------------------------
@@ -1676,7 +1683,8 @@ class PortableModel:
                         state: Mapping[str, Tensor] | None = None,
                         function: str | None = None) -> dict[str, Tensor]:
         """Like :meth:`predict`, returning torch tensors on the model's device
-        (no trip through host memory: for chaining parts on a GPU)."""
+        (no trip through host memory: for chaining parts on a GPU). They are
+        inference tensors: ``clone()`` one before modifying it in place."""
         prog = self._program(function)
         env = self._execute(prog, inputs, state)
         return {name: env[slot].clone() if slot in prog.shared_outputs else env[slot]

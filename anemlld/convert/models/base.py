@@ -41,26 +41,22 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "ModelArgs":
-        try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            fields = dict(
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                vocab_size=int(cfg["vocab_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta(cfg),
-                rope_scaling=rope_scaling(cfg),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", False)),
-            )
-        except KeyError as e:
-            raise BadInput(f"config.json has no {e.args[0]!r}",
-                           "the folder's config.json is incomplete; re-download the model") from None
+        heads = _number(cfg, "num_attention_heads", int)
+        hidden = _number(cfg, "hidden_size", int)
+        fields = dict(
+            hidden_size=hidden,
+            intermediate_size=_number(cfg, "intermediate_size", int),
+            num_hidden_layers=_number(cfg, "num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=_number(cfg, "num_key_value_heads", int, heads),
+            head_dim=_number(cfg, "head_dim", int, hidden // heads),
+            vocab_size=_number(cfg, "vocab_size", int),
+            rms_norm_eps=_number(cfg, "rms_norm_eps", float, 1e-6),
+            rope_theta=rope_theta(cfg),
+            rope_scaling=rope_scaling(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+        )
         fields.update(overrides)
         args = cls(**fields)
         act = cfg.get("hidden_act", "silu")
@@ -77,6 +73,23 @@ class ModelArgs:
         h, kvh = self.hidden_size, self.num_key_value_heads * self.head_dim
         qh = self.num_attention_heads * self.head_dim
         return h * qh * 2 + h * kvh * 2 + 3 * h * self.intermediate_size
+
+
+def _number(cfg: dict[str, Any], key: str, kind: type, default: Any = None):
+    """A positive number from config.json, or a BadInput naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        if default is not None:
+            return default
+        raise BadInput(f"config.json has no {key!r}", "the folder's config.json is incomplete; re-download the model",
+                       stage="inspect")
+    try:
+        if isinstance(value, bool) or kind(value) <= 0 or (kind is int and kind(value) != value):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"config.json has {key} = {value!r}, not a positive {kind.__name__}",
+                       "restore the model's original config.json", stage="inspect") from None
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:
@@ -337,15 +350,31 @@ class AneLM(nn.Module):
                 _copy(key, conv.weight, full[start:start + n, :, None, None])
                 start += n
 
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The checkpoint tensors this model reads, with their expected shapes."""
+        out = {name: expected_shape(name, p) for name, p in self.named_parameters()
+               if not name.startswith("lm_head.splits.")}
+        if self.lm_head is not None:
+            key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
+            out[key] = (self.args.vocab_size, self.args.hidden_size)
+        return out
+
     def reset_cache(self) -> None:
         if hasattr(self.model, "kv_cache_0"):
             self.model.kv_cache_0.zero_()
 
 
+def expected_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The checkpoint's shape for one of our parameters (convs are 2-D there)."""
+    shape = tuple(param.shape)
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
 def _copy(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
-        raise BadInput(f"weight {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}",
-                       "the weights do not match config.json; re-download the model")
+        raise BadInput(f"weight {name} has shape {tuple(tensor.shape)[:2] if tensor.dim() == 4 else tuple(tensor.shape)},"
+                       f" config.json implies {expected_shape(name, param)}",
+                       "the weights do not match config.json; re-download the model", stage="load")
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
 
