@@ -1,0 +1,1 @@
+"""`anemll-chat`: the terminal client. Imports only shared/, pyzmq, msgpack, platformdirs."""
