@@ -162,8 +162,12 @@ def test_progress_reports_every_stage_in_order(converted):
         assert stage in stages
     compile_note = next(e.message for e in events if e.stage == "compile")
     assert "macOS" in compile_note or compile_note == ""
-    parts = {e.part for e in events if e.stage == "quantize"}
-    assert "qwen_FFN_PF_lut4_chunk_02of02 (prefill)" in parts
+    quantized = [e.part for e in events if e.stage == "quantize"]
+    # each part's weights are clustered once, whichever functions use them
+    assert sorted(quantized) == sorted(set(quantized))
+    assert "qwen_FFN_PF_lut4_chunk_02of02" in quantized
+    exported = {e.part for e in events if e.stage == "export"}
+    assert "qwen_FFN_PF_lut4_chunk_02of02 (prefill)" in exported
 
 
 def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_models, tmp_path, monkeypatch):
@@ -207,11 +211,16 @@ def test_combined_chunk_stores_shared_weights_once(tmp_path):
     args = ModelArgs(hidden_size=512, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
                      num_key_value_heads=8, head_dim=64, vocab_size=256, rms_norm_eps=1e-5, rope_theta=1e4,
                      rope_scaling=None, tie_word_embeddings=True)
+    from torch import nn
+
+    from anemlld.convert import lut
+
     lm = build("llama", args, layers=range(1), embeddings=False, lm_head=False, context_length=CTX)
     shapes = export.Shapes(512, CTX, BATCH, (2, 8, CTX, 64))
+    lut.quantize_module(lm, 4, 16, nn.Conv2d)
     paths = {}
     for fn, prefill in (("infer", False), ("prefill", True)):
-        model = export.palettize(export.export_chunk(lm, shapes, prefill), 4, 16, "conv")
+        model = export.export_chunk(lm, shapes, prefill, export.Lut(4, 16, "conv"))
         paths[fn] = tmp_path / f"{fn}.mlpackage"
         model.save(str(paths[fn]))
     combined = tmp_path / "chunk.mlpackage"

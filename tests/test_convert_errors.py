@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anemlld import cli, layout
-from anemlld.convert import export, pipeline
+from anemlld.convert import lut, export, pipeline
 from anemlld.convert.source import INDEX_FILE, HFSource
 from shared.errors import BadInput
 from shared.options import ConvertOptions
@@ -47,8 +47,9 @@ def no_heavy_work(monkeypatch):
         return real_build(*a, **k)
 
     monkeypatch.setattr(pipeline, "build", build_on_meta_only)
-    for name in ("export_embeddings", "export_chunk", "export_head", "palettize", "combine", "compile_package"):
+    for name in ("export_embeddings", "export_chunk", "export_head", "combine", "compile_package"):
         monkeypatch.setattr(export, name, refuse(f"export.{name}"))
+    monkeypatch.setattr(lut, "quantize_module", refuse("lut.quantize_module"))
     monkeypatch.setattr(HFSource, "get", refuse("reading a tensor"))
 
 

@@ -1,5 +1,5 @@
 """Torch parts -> Core ML packages: tracing, ``ct.convert`` with the input,
-output and state names of the ANEMLL layout, LUT palettization, combining the
+output and state names of the ANEMLL layout, LUT encoding, combining the
 ``infer`` and ``prefill`` functions, compiling to ``.mlmodelc``."""
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-# coremltools draws a tqdm bar for every pass; our progress reporting replaces
-# them. tqdm reads this when first imported, so it is set before any import.
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-import torch  # noqa: E402
+import torch
 from torch import nn
 
 from anemlld import __version__
+from anemlld.convert.lut import encode_program
 from anemlld.convert.models.base import AneLM, causal_mask
 from shared.errors import AnemllError
 
@@ -87,16 +83,38 @@ def _trace(module: nn.Module, example: tuple) -> torch.jit.ScriptModule:
         return torch.jit.trace(module, example, check_trace=False)
 
 
-def _convert(traced, inputs, outputs, states=None):
+@dataclass(frozen=True)
+class Lut:
+    """How a part's weights were quantized: ``bits`` per entry, one table per
+    ``group_size`` output channels, for weights feeding ``op_type`` ops."""
+
+    bits: int
+    group_size: int
+    op_type: str  # "conv" (projections) or "gather" (embeddings)
+
+
+def _convert(traced, inputs, outputs, states=None, lut: Lut | None = None):
+    """ct.convert to an fp16 ML program; with ``lut``, the weights (already
+    k-means quantized in torch) are stored as ``constexpr_lut_to_dense``."""
     ct = _ct()
-    kw = dict(inputs=inputs, outputs=outputs, convert_to="mlprogram",
-              minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
-              skip_model_load=True)
+    kw = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
+              compute_precision=ct.precision.FLOAT16)
     if states:
         kw["states"] = states
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ct.convert(traced, **kw)
+        if lut is None:
+            return ct.convert(traced, convert_to="mlprogram", skip_model_load=True, **kw)
+        prog = ct.convert(traced, convert_to="milinternal", **kw)
+        encoded = encode_program(prog, lut.bits, lut.group_size, lut.op_type)
+        model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                           compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    dense = dense_weights(model, lut.op_type)
+    if dense or not encoded:
+        raise AnemllError(f"LUT {lut.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
+                          "report this with the model's config.json; convert with that part's LUT set to none "
+                          "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
+    return model
 
 
 def _fp32_with_fp16_state(lm: AneLM) -> AneLM:
@@ -109,16 +127,16 @@ def _fp32_with_fp16_state(lm: AneLM) -> AneLM:
     return lm
 
 
-def export_embeddings(lm: AneLM, shapes: Shapes):
+def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
     ct = _ct()
     lm = _fp32_with_fp16_state(lm)
     traced = _trace(EmbeddingsPart(lm), (torch.zeros(1, 1, dtype=torch.int32),))
     ids = ct.TensorType(name="input_ids", dtype=np.int32,
                         shape=ct.EnumeratedShapes(shapes=[(1, 1), (1, shapes.batch)], default=(1, 1)))
-    return _convert(traced, [ids], [ct.TensorType(name="hidden_states", dtype=np.float16)])
+    return _convert(traced, [ids], [ct.TensorType(name="hidden_states", dtype=np.float16)], lut=lut)
 
 
-def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool):
+def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
     ct = _ct()
     lm = _fp32_with_fp16_state(lm)
     seq = shapes.batch if prefill else 1
@@ -134,42 +152,20 @@ def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool):
         ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
     ]
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
-    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states)
+    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
 
 
-def export_head(lm: AneLM, shapes: Shapes):
+def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
     ct = _ct()
     lm = _fp32_with_fp16_state(lm)
     traced = _trace(HeadPart(lm), (torch.zeros(1, 1, shapes.hidden),))
     outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
-    return _convert(traced, inputs, outputs)
+    return _convert(traced, inputs, outputs, lut=lut)
 
 
-# --- LUT ------------------------------------------------------------------
-
-def palettize(mlmodel, bits: int, group_size: int, op_type: str):
-    """k-means LUT per grouped channel on the weights feeding ``op_type`` ops
-    (conv for projections, gather for embeddings; rotary tables stay fp16).
-    A quantization that leaves any such weight dense is an error, not a warning."""
-    ct = _ct()
-    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
-
-    cfg = OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_grouped_channel",
-                             group_size=group_size, weight_threshold=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = palettize_weights(mlmodel, OptimizationConfig(op_type_configs={op_type: cfg}))
-    dense = _dense_weights(out, op_type)
-    if dense:
-        raise AnemllError(f"LUT {bits} quantization left {len(dense)} weights dense (first: {dense[0]})",
-                          "report this with the model's config.json; convert with that part's LUT set to none "
-                          "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
-    del ct
-    return out
-
-
-def _dense_weights(mlmodel, op_type: str) -> list[str]:
+def dense_weights(mlmodel, op_type: str) -> list[str]:
+    """Names of ``op_type`` ops whose weight is still a plain constant."""
     weight_input = {"conv": "weight", "gather": "x"}[op_type]
     dense = []
     for fn in mlmodel._mil_program.functions.values():
@@ -178,7 +174,7 @@ def _dense_weights(mlmodel, op_type: str) -> list[str]:
                 continue
             w = op.inputs[weight_input]
             producer = w.op.op_type if w.op is not None else None
-            if producer == "const" and w.val is not None and w.val.size > 1:
+            if producer == "const" and w.val is not None and w.val.size > 1 and w.val.dtype.kind == "f":
                 dense.append(op.name)
     return dense
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from anemlld import __version__, layout
-from anemlld.convert import export
+from torch import nn
+
+from anemlld.convert import export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import ModelArgs, split_sizes
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
@@ -233,9 +235,9 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     o, args = p.options, p.args
     emb_w = args.vocab_size * args.hidden_size
     layer_w = args.layer_params
-    quant = lambda bits: 3.0 if bits else 0.0  # k-means dominates when quantizing
+    quant = lambda bits: 0.5 if bits else 0.0  # k-means cost relative to export, per weight
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
-             + sum(len(r) * layer_w * (2 + 2 * quant(o.lut_ffn)) for r in p.chunk_ranges))
+             + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
     st = _Stages(progress, total)
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
 
@@ -296,10 +298,12 @@ def _save(model, path: Path) -> None:
     tmp.rename(path)
 
 
-def _quantized(st: _Stages, name: str, model, bits: int | None, p: Plan, op_type: str, weight: float):
+def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weight: float):
+    """k-means the part's torch weights once; the export encodes them."""
     if bits is None:
-        return model
-    return st.run("quantize", name, weight, export.palettize, model, bits, p.options.lut_group_size, op_type)
+        return None
+    st.run("quantize", name, weight, lut.quantize_module, lm, bits, p.options.lut_group_size, kind)
+    return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
 
 
 def _build_embeddings(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) -> None:
@@ -311,9 +315,9 @@ def _build_embeddings(p: Plan, shapes, work: Path, st: _Stages, w: float, q: flo
     lm = build(p.architecture, p.args, layers=range(0), embeddings=True, lm_head=False,
                context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    model = st.run("export", name, w, export.export_embeddings, lm, shapes)
+    table = _quantize(st, name, lm, p.options.lut_embeddings, p, nn.Embedding, w * q)
+    model = st.run("export", name, w, export.export_embeddings, lm, shapes, table)
     del lm
-    model = _quantized(st, name, model, p.options.lut_embeddings, p, "gather", w * q)
     export.set_metadata(model, _metadata(p, p.options.lut_embeddings), "token embeddings")
     _save(model, target)
     gc.collect()
@@ -328,9 +332,9 @@ def _build_head(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) ->
     lm = build(p.architecture, p.args, layers=range(0), embeddings=False, lm_head=True,
                lm_head_split=p.lm_head_split, context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    model = st.run("export", name, w, export.export_head, lm, shapes)
+    table = _quantize(st, name, lm, p.options.lut_lm_head, p, nn.Conv2d, w * q)
+    model = st.run("export", name, w, export.export_head, lm, shapes, table)
     del lm
-    model = _quantized(st, name, model, p.options.lut_lm_head, p, "conv", w * q)
     export.set_metadata(model, _metadata(p, p.options.lut_lm_head), f"LM head in {p.lm_head_split} parts")
     _save(model, target)
     gc.collect()
@@ -341,23 +345,23 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     name = p.parts[1 + index]
     target = work / f"{name}.mlpackage"
     if target.exists():
-        st.done += w * (2 + 2 * q)
+        st.done += w * (2 + q)
         return
     lm = build(p.architecture, p.args, layers=layers, embeddings=False, lm_head=False,
                context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
     bits = p.options.lut_ffn
+    # Quantized once; both functions encode the same values, so their tables
+    # and indices are byte-identical and the combined package stores them once.
+    table = _quantize(st, name, lm, bits, p, nn.Conv2d, w * q)
     fn_paths = {}
-    # Both functions come from the same fp16 weights and a deterministic
-    # k-means, so their quantized weights are byte-identical and stored once.
     for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
         path = work / f"{name}.{fn}.mlpackage"
         fn_paths[fn] = path
         if path.exists():
-            st.done += w * (1 + q)
+            st.done += w
             continue
-        model = st.run("export", f"{name} ({fn})", w, export.export_chunk, lm, shapes, prefill)
-        model = _quantized(st, f"{name} ({fn})", model, bits, p, "conv", w * q)
+        model = st.run("export", f"{name} ({fn})", w, export.export_chunk, lm, shapes, prefill, table)
         _save(model, path)
         del model
         gc.collect()
