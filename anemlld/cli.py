@@ -52,11 +52,100 @@ def _convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    r = sub.add_parser("run", help="generate text with a converted model (no daemon)",
+                       description="Load a converted model folder and answer one prompt, streaming the text.")
+    r.add_argument("model", help="converted model folder (meta.yaml)")
+    r.add_argument("prompt", nargs="?", help="the question (default: read standard input)")
+    r.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
+    r.add_argument("--system", help="system message for the chat template")
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--repetition-penalty", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--executor", default="auto", help="auto (default), coreml or portable")
+    r.add_argument("--stats", action="store_true", help="print token counts and speeds after the answer")
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from anemlld.runtime.engine import Done, Engine
+    from anemlld.runtime.sampling import SamplingParams
+
+    prompt = ns.prompt if ns.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        print("error: empty prompt\n  -> pass a question, or pipe text into anemlld run", file=sys.stderr)
+        return 1
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                            top_p=ns.top_p, repetition_penalty=ns.repetition_penalty, seed=ns.seed,
+                            stop=tuple(ns.stop))
+    engine = Engine(ns.model, executor=ns.executor)
+    if ns.raw:
+        kw = {"prompt": prompt}
+    else:
+        messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [
+            {"role": "user", "content": prompt}]
+        kw = {"messages": messages}
+    for event in engine.generate(params=params, **kw):
+        if isinstance(event, Done):
+            print(flush=True)
+            if ns.stats:
+                s = event.stats
+                prefill_rate = s.prefill_tokens / (s.prefill_ms / 1000) if s.prefill_ms else 0.0
+                print(f"[{engine.executor.name}] prompt {s.prompt_tokens} tokens, prefill {prefill_rate:.1f} tok/s; "
+                      f"{s.completion_tokens} tokens at {s.tokens_per_s:.1f} tok/s; load {engine.load_ms:.0f} ms; "
+                      f"stop: {s.done_reason}", file=sys.stderr)
+        else:
+            print(event.text, end="", flush=True)
+    return 0
+
+
+def _add_verify(sub) -> None:
+    v = sub.add_parser("verify", help="compare a converted model with its Hugging Face original",
+                       description="Run the converted model over a text and report perplexity, logit "
+                                   "differences and next-token agreement against transformers.")
+    v.add_argument("model", help="converted model folder")
+    v.add_argument("--reference", help="the Hugging Face folder (default: the one recorded at conversion)")
+    v.add_argument("--text", help="UTF-8 text to evaluate on (default: a built-in sample)")
+    v.add_argument("--max-tokens", type=int, default=2048, help="evaluate at most this many tokens")
+    v.add_argument("--executor", default="auto", help="auto (default), coreml or portable")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _verify(ns: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from anemlld.runtime.verify import verify
+
+    text = None
+    if ns.text:
+        try:
+            text = Path(ns.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AnemllError(f"cannot read {ns.text}: {e}", "pass a UTF-8 text file with --text") from None
+    report = verify(ns.model, ns.reference, text, ns.max_tokens, ns.executor)
+    if ns.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        r = report
+        print(f"{r.model} against {r.reference} ({r.executor} executor, {r.tokens} tokens, {r.windows} windows)")
+        print(f"  perplexity            {r.perplexity:.3f}  (reference {r.reference_perplexity:.3f}, "
+              f"ratio {r.perplexity / r.reference_perplexity:.4f})")
+        print(f"  max |logit diff|      {r.max_abs_logit_diff:.4f}  (mean {r.mean_abs_logit_diff:.4f})")
+        print(f"  next-token agreement  {r.greedy_agreement * 100:.2f}%")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anemlld", description="Large language models on the Apple Neural Engine.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     _add_convert(sub)
+    _add_run(sub)
+    _add_verify(sub)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"convert": _convert}[ns.command](ns)
+        return {"convert": _convert, "run": _run, "verify": _verify}[ns.command](ns)
     except AnemllError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,33 +12,7 @@ from anemlld.convert.pipeline import split_layers
 from anemlld.convert.source import HFSource
 from tests.conftest import ARCHS
 
-CTX = 64
-
-
-def chained(arch: str, src: HFSource, chunks: int):
-    """Embeddings, ``chunks`` chunk models sharing one KV cache, LM head: the
-    parts the converter exports, in fp32."""
-    args = ARCHITECTURES[arch].model_args(src.config)
-    ends = build(arch, args, layers=range(0), context_length=CTX).float().eval()
-    ends.load_weights(src.get)
-    parts = []
-    for r in split_layers(args.num_hidden_layers, chunks):
-        m = build(arch, args, layers=r, embeddings=False, lm_head=False, context_length=CTX).float().eval()
-        m.load_weights(src.get)
-        parts.append(m)
-    shared = parts[0].model.kv_cache_0
-    for m in parts[1:]:
-        m.model.kv_cache_0 = shared
-    return ends, parts, shared
-
-
-def run(ends, parts, ids: list[int], start: int) -> torch.Tensor:
-    """Feed ``ids`` at positions start.. through the chain; logits of the last."""
-    pos = torch.arange(start, start + len(ids), dtype=torch.int32)
-    h = ends.embed(torch.tensor([ids], dtype=torch.int32))
-    for m in parts:
-        h = m.layers_forward(h, pos, causal_mask(pos, CTX), pos[:1])
-    return torch.cat(ends.head(h[:, -1:]), dim=-1)[0, 0]
+from tests.ane_reference import CTX, chained, run
 
 
 @pytest.fixture(scope="module")

@@ -316,16 +316,17 @@ class AneLM(nn.Module):
                        last_only: bool = False) -> torch.Tensor:
         """Run this part's layers over ``hidden_states`` (1, S, H) at
         ``position_ids`` (S,), writing K/V at ``current_pos`` onward.
-        ``last_only`` (prefill) returns just the last row, normed if final."""
+        ``last_only`` (prefill): the last chunk returns just the last row,
+        normed; other chunks return every row for the next chunk."""
         body = self.model
         cos = body.rope_cos.index_select(0, position_ids).to(hidden_states.dtype)
         sin = body.rope_sin.index_select(0, position_ids).to(hidden_states.dtype)
         h = hidden_states
         for i in self.layer_range:
             h = body.layers[i](h, cos, sin, causal_mask, current_pos, body.kv_cache_0)
-        if last_only:
-            h = h[:, -1:, :]
-        if body.norm is not None:
+        if body.norm is not None:  # the last chunk
+            if last_only:
+                h = h[:, -1:, :]
             h = body.norm(h)
         return h
 

@@ -1,0 +1,193 @@
+"""Executors: the one interface the engine runs converted parts through.
+
+``coreml`` runs compiled models on the Neural Engine (macOS only);
+``portable`` runs the very same ``.mlpackage`` files anywhere through our MIL
+executor. Both expose: make a state, embed token ids, run the FFN chunks
+(function ``infer`` or ``prefill``) over the shared state, and turn a hidden
+state into logits (the split LM head concatenated).
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from anemlld.layout import Layout
+from shared.errors import AnemllError
+
+log = logging.getLogger(__name__)
+
+INFER, PREFILL = "infer", "prefill"
+
+
+class Executor:
+    """Base: the parts of one converted model and how to call them."""
+
+    name = "base"
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.split = layout.split_lm_head
+        self.load_ms = 0.0
+
+    # The four things the engine needs; subclasses bind the backend.
+    def make_state(self) -> Any:
+        raise NotImplementedError
+
+    def embed(self, input_ids: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def ffn(self, hidden: Any, position_ids: np.ndarray, causal_mask: np.ndarray, current_pos: int,
+            state: Any, function: str) -> Any:
+        raise NotImplementedError
+
+    def logits(self, hidden: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """One throwaway step on a scratch state: first predictions after a
+        load are slow (portable: lazy kernel setup, ~2.5 s measured on pico)
+        and on the Neural Engine have been seen to fail."""
+        ctx = self.layout.context_length
+        mask = np.full((1, 1, 1, ctx), -np.inf, dtype=np.float16)
+        mask[..., 0] = 0
+        h = self.embed(np.zeros((1, 1), dtype=np.int32))
+        self.logits(self.ffn(h, np.zeros(1, dtype=np.int32), mask, 0, self.make_state(), INFER))
+
+
+def _ffn_inputs(hidden, position_ids, causal_mask, current_pos) -> dict[str, Any]:
+    return {"hidden_states": hidden, "position_ids": position_ids.astype(np.int32),
+            "causal_mask": causal_mask.astype(np.float16),
+            "current_pos": np.array([current_pos], dtype=np.int32)}
+
+
+class PortableExecutor(Executor):
+    """Runs ``.mlpackage`` MIL programs with torch (CPU, or CUDA when present)."""
+
+    name = "portable"
+
+    def __init__(self, layout: Layout, device: str | None = None, warmup: bool = True):
+        super().__init__(layout)
+        from anemlld.runtime.portable import PortableModel
+
+        t = time.perf_counter()
+        paths = [layout.part("embeddings", ".mlpackage"), *layout.chunks(".mlpackage"),
+                 layout.part("lm_head", ".mlpackage")]
+        compiled = [p.name for p in paths if p.suffix != ".mlpackage"]
+        if compiled:
+            raise AnemllError(f"{layout.root.name} holds only compiled models ({compiled[0]}, ...)",
+                              "the portable executor runs .mlpackage files: run this model on macOS "
+                              "(executor coreml), or convert it again from the Hugging Face folder",
+                              stage="load", code="model_failed")
+        self.embeddings = PortableModel(paths[0], device)
+        self.chunks = [PortableModel(p, device) for p in paths[1:-1]]
+        self.head = PortableModel(paths[-1], device)
+        self._outputs = [f"logits{i + 1}" for i in range(len(self.head.output_names()))]
+        if warmup:
+            self.warm_up()
+        self.load_ms = (time.perf_counter() - t) * 1000
+
+    def make_state(self):
+        return self.chunks[0].make_state()
+
+    def embed(self, input_ids):
+        return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
+
+    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
+        inputs = _ffn_inputs(hidden, position_ids, causal_mask, current_pos)
+        for chunk in self.chunks:
+            inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
+        return inputs["hidden_states"]
+
+    def logits(self, hidden):
+        import torch
+
+        out = self.head.predict_tensors({"hidden_states": hidden})
+        return torch.cat([out[k].reshape(-1) for k in self._outputs]).float().cpu().numpy()
+
+
+class CoreMLExecutor(Executor):
+    """Core ML on the Neural Engine (macOS 15+): compiled ``.mlmodelc`` through
+    ``CompiledMLModel`` (or ``.mlpackage`` through ``MLModel``), one model
+    object per function, one ``make_state()`` shared by every chunk."""
+
+    name = "coreml"
+
+    def __init__(self, layout: Layout, compute_units: str = "CPU_AND_NE", warmup: bool = True):
+        super().__init__(layout)
+        reason = coreml_unavailable()
+        if reason:
+            raise AnemllError(f"the coreml executor cannot run here: {reason}",
+                              "use the portable executor (executor = \"portable\")", stage="load",
+                              code="model_failed")
+        import coremltools as ct
+
+        self._units = getattr(ct.ComputeUnit, compute_units)
+        t = time.perf_counter()
+        self.embeddings = self._load(layout.part("embeddings"))
+        self.chunks = [{fn: self._load(p, fn) for fn in (INFER, PREFILL)} for p in layout.chunks()]
+        self.head = self._load(layout.part("lm_head"))
+        if warmup:
+            self.warm_up()
+        self.load_ms = (time.perf_counter() - t) * 1000
+
+    def _load(self, path: Path, function: str | None = None):
+        import coremltools as ct
+
+        kw: dict[str, Any] = {"compute_units": self._units}
+        if function:
+            kw["function_name"] = function
+        if path.suffix == ".mlmodelc":
+            return ct.models.CompiledMLModel(str(path), **kw)
+        return ct.models.MLModel(str(path), **kw)
+
+    def make_state(self):
+        return self.chunks[0][INFER].make_state()
+
+    def embed(self, input_ids):
+        return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
+
+    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
+        inputs = _ffn_inputs(np.asarray(hidden, dtype=np.float16), position_ids, causal_mask, current_pos)
+        for chunk in self.chunks:
+            out = chunk[function].predict(inputs, state)
+            inputs["hidden_states"] = out["output_hidden_states"]
+        return inputs["hidden_states"]
+
+    def logits(self, hidden):
+        out = self.head.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+        return np.concatenate([np.asarray(out[f"logits{i + 1}"]).reshape(-1) for i in range(self.split)]
+                              ).astype(np.float32)
+
+
+def coreml_unavailable() -> str | None:
+    """Why Core ML cannot predict here, or None when it can."""
+    if platform.system() != "Darwin":
+        return f"Core ML runs models only on macOS (this is {platform.system()})"
+    try:
+        from coremltools.models import model as ct_model
+    except ImportError as e:  # pragma: no cover - coremltools is a dependency
+        return f"coremltools is not importable ({e})"
+    if getattr(ct_model, "_MLModelProxy", None) is None:
+        return "coremltools was installed without its native Core ML bindings"
+    return None
+
+
+EXECUTORS: dict[str, Callable[..., Executor]] = {"portable": PortableExecutor, "coreml": CoreMLExecutor}
+
+
+def choose(name: str = "auto") -> str:
+    """``auto`` is coreml where Core ML can run, portable elsewhere."""
+    if name == "auto":
+        return "coreml" if coreml_unavailable() is None else "portable"
+    if name not in EXECUTORS:
+        raise AnemllError(f"unknown executor {name!r}", "use auto, coreml or portable", code="bad_request")
+    return name
+
+
+def load(layout: Layout, name: str = "auto", **kw) -> Executor:
+    return EXECUTORS[choose(name)](layout, **kw)

@@ -1,0 +1,65 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p,
+repetition penalty, seeded. Works on one float32 logits vector."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.errors import BadInput
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0            # 0 is off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
+            (self.top_k >= 0, "top_k must be 0 (off) or more"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be above 0 (1 is off)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BadInput(msg, "fix the sampling option and send the request again", code="bad_request")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, context: list[int]) -> int:
+        p = self.params
+        logits = logits.astype(np.float64, copy=True)
+        if p.repetition_penalty != 1.0 and context:
+            seen = np.unique(np.asarray(context, dtype=np.int64))
+            seen = seen[seen < logits.shape[0]]
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        logits /= p.temperature
+        if p.top_k and p.top_k < logits.shape[0]:
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep the smallest set whose mass reaches top_p (always the top token)
+            cut = int(np.searchsorted(cumulative, p.top_p)) + 1
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.shape[0], p=probs))
