@@ -73,6 +73,18 @@ def print_header(title: str, argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain-text table: numeric columns right-aligned, the others left-aligned."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def numeric(i: int) -> bool:
+        cells = [str(r[i]).strip().rstrip("x%") for r in rows if str(r[i]).strip()]
+        try:
+            [float(c) for c in cells]
+        except ValueError:
+            return False
+        return bool(cells)
+
+    right = [numeric(i) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if right[i] else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -165,7 +165,7 @@ def baseline(folder: Path, bits_ffn: int | None, bits_head: int | None, group_si
 
     cfg = json.loads((folder / "config.json").read_text())
     rng = np.random.default_rng(seed)
-    out = {"rows": [], "ffn_seconds": 0.0, "head_seconds": 0.0, "ffn_weights": 0, "head_weights": 0}
+    out = {"bits": (bits_ffn, bits_head), "rows": [], "ffn_seconds": 0.0, "head_seconds": 0.0, "ffn_weights": 0, "head_weights": 0}
 
     def rate(tensor: torch.Tensor, bits: int, label: str) -> float:
         w = tensor.to(torch.float16).numpy()  # palettize_weights sees the fp16 program's weights
@@ -337,7 +337,8 @@ def report(run: dict, events: list[dict], out: Path, base: dict | None, t_model:
     t_end = samples[-1][0] if samples else time.time()
 
     def peak_between(a: float, b: float) -> tuple[float, float]:
-        inside = [s for s in samples if a <= s[0] <= b]
+        # the samples inside the step, and the last one before it (short steps may hold none)
+        inside = [s for s in samples if a <= s[0] <= b] + [s for s in samples if s[0] < a][-1:]
         if not inside:
             return float("nan"), float("nan")
         return max(s[1] for s in inside) / 1024 / 1024, min(s[2] for s in inside)
@@ -460,6 +461,12 @@ def report(run: dict, events: list[dict], out: Path, base: dict | None, t_model:
               f"ours {q_head:.1f} s -> {bh / q_head if q_head else float('nan'):.1f}x")
         print(f"  all k-means: coremltools {bf + bh:.0f} s vs ours (stage 'quantize') {q:.1f} s -> "
               f"{(bf + bh) / q if q else float('nan'):.1f}x")
+        ref_rate = {4: 144.0, 6: 504.0}  # REFERENCE.md section 2: fp16 weights, groups of 8, s/100M
+        bits_ffn, bits_head = base["bits"]
+        ref = (base["ffn_weights"] * ref_rate.get(bits_ffn, float("nan")) if bits_ffn else 0.0) / 1e8 + \
+              (base["head_weights"] * ref_rate.get(bits_head, float("nan")) if bits_head else 0.0) / 1e8
+        print(f"  for comparison, REFERENCE.md's rates (144 / 504 s/100M at 4 / 6 bits, fp16 1024x2048 weight, g8) "
+              f"give {ref:.0f} s for these weights: {ref / q if q else float('nan'):.1f}x ours")
         if result:
             est = result["seconds"] - q + bf + bh
             print(f"  the same conversion with coremltools' k-means instead of ours would take about "
