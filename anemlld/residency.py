@@ -1,0 +1,559 @@
+"""What is in memory: the one owner of resident models. Requests ask it for a
+model; nobody else loads or unloads one (Ollama's scheduler is the model).
+
+The rule, read aloud:
+
+    A pinned model stays. Any other model stays for its keep_alive after its
+    last request (forever for -1, not at all for 0). When loading a model
+    would take the resident models over the memory budget, idle unpinned
+    models are unloaded, the one that expires soonest first. If that is still
+    not enough, the model is loaded anyway and a warning is logged.
+
+Loading over the budget rather than refusing is a choice: the budget is an
+estimate (sizes on disk), and a model that does not fit it next to pinned or
+busy ones must still be servable; refusing would make it unusable until
+something else is unloaded by hand.
+
+Threads. Each resident model has one worker thread: it loads the model, then
+runs the model's requests one at a time from a bounded queue
+(``settings.queue_limit`` requests may wait behind the running one; more are
+refused with ``busy``), then unloads it. Concurrent first requests therefore
+load a model once: the others wait in its queue. A reaper thread unloads
+models whose keep_alive has run out. One lock guards every table here; the
+registry and callers' callbacks are never called while holding it.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from anemlld.registry import ModelEntry, Registry
+from shared.errors import AnemllError
+from shared.settings import Settings, format_duration
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS = 16  # KV caches kept per resident model; the least recently used goes first
+SERVABLE = ("ready", "loaded")
+
+ProgressFn = Callable[[str, float], None]  # (part, fraction 0..1) while a model loads
+Loader = Callable[..., Any]  # loader(entry) or loader(entry, progress=ProgressFn) -> engine
+
+
+def default_loader(entry: ModelEntry) -> Any:
+    from anemlld.runtime.engine import Engine  # torch and friends only when a model is loaded
+
+    return Engine(entry.path)
+
+
+def folder_size(path: str | os.PathLike | None) -> int:
+    """Bytes of the files under ``path`` (0 if there is none)."""
+    total = 0
+    if path is None:
+        return 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class _Work:
+    """One request waiting for, or running on, a model's worker."""
+
+    run: Callable[["ResidentModel", float], None]  # (model, load_ms this request waited for)
+    fail: Callable[[AnemllError], None]  # the request could not run (load failed, daemon stopping)
+    keep_alive: float | None
+    caused_load: bool = False
+
+
+class ResidentModel:
+    """A model in memory (or being loaded) and its worker's queue. ``engine``,
+    the sessions and ``load_ms`` are for the code running on its worker."""
+
+    def __init__(self, entry: ModelEntry, size_bytes: int, pinned: bool, keep_alive: float,
+                 lock: threading.Lock):
+        self.name = entry.name
+        self.entry = entry
+        self.size_bytes = size_bytes
+        self.pinned = pinned
+        self.keep_alive = keep_alive
+        self.engine: Any = None
+        self.load_ms = 0.0
+        self.requests = 0
+        self.last_used = time.monotonic()
+        self.state = "loading"  # loading -> loaded -> unloaded
+        self.error: AnemllError | None = None
+        self.ready = threading.Event()  # set when loaded or failed
+        self.queue: deque[_Work] = deque()
+        self.running: _Work | None = None
+        self.wakeup = threading.Condition(lock)
+        self.progress_listeners: list[ProgressFn] = []
+        self.thread: threading.Thread | None = None
+        self._sessions: OrderedDict[str, Any] = OrderedDict()
+
+    # -- on the worker -------------------------------------------------------
+    def session(self, session_id: str) -> Any:
+        """The engine session for ``session_id``, made on first use (LRU-bounded)."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            session = self.engine.new_session()
+        self._sessions[session_id] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return session
+
+    def drop_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # -- policy (read under the residency lock) --------------------------------
+    @property
+    def idle(self) -> bool:
+        return self.state == "loaded" and self.running is None and not self.queue
+
+    def deadline(self) -> float:
+        """Monotonic time after which an idle model may go; inf if never."""
+        if self.pinned or math.isinf(self.keep_alive):
+            return math.inf
+        return self.last_used + self.keep_alive
+
+    def expires_at(self) -> float | None:
+        """The deadline as Unix time, None if never."""
+        deadline = self.deadline()
+        if math.isinf(deadline):
+            return None
+        if not self.idle:  # the clock starts when the last request ends
+            return time.time() + self.keep_alive
+        return time.time() + (deadline - time.monotonic())
+
+
+class Ticket:
+    """A submitted request; ``withdraw`` takes it back while it is still queued."""
+
+    def __init__(self, residency: "Residency", model: ResidentModel, work: _Work):
+        self._residency, self._model, self._work = residency, model, work
+
+    def withdraw(self) -> bool:
+        """True if the request was still waiting and will now never run."""
+        with self._residency._lock:
+            try:
+                self._model.queue.remove(self._work)
+            except ValueError:
+                return False
+            self._residency._changed.notify_all()
+            return True
+
+
+class Residency:
+    def __init__(self, settings: Settings, registry: Registry, loader: Loader = default_loader,
+                 max_sessions: int = MAX_SESSIONS):
+        self.settings = settings
+        self.registry = registry
+        self.loader = loader
+        self._loader_takes_progress = _takes_progress(loader)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # wakes the reaper
+        self._models: dict[str, ResidentModel] = {}
+        self._pin_override: dict[str, bool] = {}  # the `pin` op and `unload`, until restart
+        self._progress_listeners: list[Callable[[str, str, float], None]] = []
+        self._stopped = False
+        self._unsubscribe = registry.subscribe(self._on_registry_change)
+        self._reaper = threading.Thread(target=self._reap, name="residency-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- requests -------------------------------------------------------------
+    def submit(self, name: str, run: Callable[[ResidentModel, float], None], fail: Callable[[AnemllError], None],
+               *, keep_alive: float | None = None, on_progress: ProgressFn | None = None) -> Ticket:
+        """Queue ``run(model, load_ms)`` on the model's worker, loading the model
+        first if needed. Raises ``busy`` when the queue is full, ``not_found`` or
+        ``model_failed`` when the model cannot be served. ``fail`` is called
+        instead of ``run`` if the model does not load."""
+        entry = self._servable(name)
+        size = self._size_of(entry)
+        work = _Work(run, fail, keep_alive)
+        with self._lock:
+            model, created, victims = self._resident(entry, size, keep_alive)
+            if len(model.queue) + (1 if model.running else 0) > self.settings.queue_limit:
+                raise AnemllError(f"model {name!r} is busy: {self.settings.queue_limit} requests are already "
+                                  "waiting behind the running one", "try again in a moment, or raise "
+                                  "queue_limit in the daemon's settings.toml", code="busy")
+            work.caused_load = created
+            if on_progress is not None and model.state == "loading":
+                model.progress_listeners.append(on_progress)
+            model.queue.append(work)
+            model.wakeup.notify()
+        self._unload_all(victims)
+        return Ticket(self, model, work)
+
+    def acquire(self, name: str, on_progress: ProgressFn | None = None,
+                keep_alive: float | None = None) -> ResidentModel:
+        """The model, loaded (waiting for a load under way rather than starting
+        another). Raises ``not_found`` / ``model_failed`` like ``submit``."""
+        entry = self._servable(name)
+        size = self._size_of(entry)
+        with self._lock:
+            model, _created, victims = self._resident(entry, size, keep_alive)
+            if on_progress is not None and model.state == "loading":
+                model.progress_listeners.append(on_progress)
+        self._unload_all(victims)
+        model.ready.wait()
+        if model.error is not None:
+            raise model.error
+        with self._lock:
+            model.keep_alive = self._keep_alive(model.entry, keep_alive)
+            if model.idle:
+                model.last_used = time.monotonic()
+            self._changed.notify_all()
+        return model
+
+    # -- operations ------------------------------------------------------------
+    def ps(self) -> list[dict[str, Any]]:
+        """The loaded models, shaped as the `ps` reply (docs/protocol.md)."""
+        with self._lock:
+            models = sorted((m for m in self._models.values() if m.state == "loaded"), key=lambda m: m.name)
+            return [{"name": m.name, "size_bytes": m.size_bytes, "pinned": m.pinned,
+                     "expires_at": m.expires_at(), "requests": m.requests,
+                     "context_length": getattr(m.engine, "ctx", None)} for m in models]
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            model = self._models.get(name)
+            return model is not None and model.state == "loaded"
+
+    def unload(self, name: str) -> bool:
+        """Unpin ``name`` and unload it now if idle, else as soon as its queue
+        drains. False if it was not resident."""
+        with self._lock:
+            self._pin_override[name] = False
+            model = self._models.get(name)
+            if model is None:
+                return False
+            model.pinned = False
+            model.keep_alive = 0.0
+            model.last_used = time.monotonic()
+            victims = [model] if model.idle else []
+            for victim in victims:
+                self._remove(victim)
+            self._changed.notify_all()
+        self._unload_all(victims, "unloaded on request")
+        return True
+
+    def pin(self, name: str, pinned: bool = True, on_progress: ProgressFn | None = None) -> None:
+        """Pin (loading if needed) or unpin ``name`` until the daemon restarts."""
+        with self._lock:
+            self._pin_override[name] = pinned
+            model = self._models.get(name)
+            if model is not None:
+                model.pinned = pinned
+                if not pinned:
+                    model.last_used = time.monotonic()
+            self._changed.notify_all()
+        if pinned:
+            self.acquire(name, on_progress)
+
+    def preload_pinned(self, wait: bool = False) -> threading.Thread:
+        """Load every pinned, converted model, one after the other, in a thread."""
+        names = [e.name for e in self.registry.all() if e.pin and e.state in SERVABLE]
+        thread = threading.Thread(target=self._preload, args=(names,), name="residency-preload", daemon=True)
+        thread.start()
+        if wait:
+            thread.join()
+        return thread
+
+    def listen(self, listener: Callable[[str, str, float], None]) -> Callable[[], None]:
+        """Hear every load's progress as (model, part, fraction); returns the unsubscribe."""
+        with self._lock:
+            self._progress_listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._progress_listeners:
+                    self._progress_listeners.remove(listener)
+        return unsubscribe
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Unload everything. Running requests are left to finish (the server
+        cancels them first); queued ones fail with ``busy``."""
+        self._unsubscribe()
+        with self._lock:
+            self._stopped = True
+            models = list(self._models.values())
+            for model in models:
+                self._remove(model)
+            self._changed.notify_all()
+        end = time.monotonic() + timeout
+        for model in models:
+            if model.thread is not None and model.thread is not threading.current_thread():
+                model.thread.join(max(0.0, end - time.monotonic()))
+        self._unload_all(models, "daemon stopping")
+        self._reaper.join(max(0.0, end - time.monotonic()))
+
+    # -- the table (callers hold the lock) ---------------------------------------
+    def _resident(self, entry: ModelEntry, size: int, keep_alive: float | None
+                  ) -> tuple[ResidentModel, bool, list[ResidentModel]]:
+        """The resident model for ``entry``, starting its load if there is none
+        (then ``created``), and the models to unload to make room for it
+        (already out of the table)."""
+        if self._stopped:
+            raise AnemllError("the daemon is stopping", "try again when it is back", code="busy")
+        model = self._models.get(entry.name)
+        if model is not None:
+            return model, False, []
+        victims = self._make_room(size, entry.name)
+        pinned = self._pin_override.get(entry.name, entry.pin)
+        model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock)
+        model.thread = threading.Thread(target=self._worker, args=(model,), name=f"model-{entry.name}",
+                                        daemon=True)
+        self._models[entry.name] = model
+        model.thread.start()
+        return model, True, victims
+
+    def _make_room(self, size: int, name: str) -> list[ResidentModel]:
+        """The rule: idle unpinned models, soonest expiry first, until ``size`` fits."""
+        budget = self.settings.memory_budget
+        used = sum(m.size_bytes for m in self._models.values())
+        victims = []
+        candidates = sorted((m for m in self._models.values() if m.idle and not m.pinned),
+                            key=lambda m: (m.deadline(), m.last_used))
+        for model in candidates:
+            if not budget or used + size <= budget:
+                break
+            victims.append(model)
+            used -= model.size_bytes
+            self._remove(model)
+        if budget and used + size > budget:
+            log.warning("loading %s (%s) goes over the memory budget of %s: %s are resident and pinned or busy",
+                        name, _mb(size), _mb(budget), _mb(used))
+        return victims
+
+    def _remove(self, model: ResidentModel) -> None:
+        """Out of the table; its worker ends after its current request."""
+        if self._models.get(model.name) is model:
+            del self._models[model.name]
+        model.state = "unloaded" if model.state == "loaded" else model.state
+        model.wakeup.notify_all()
+
+    def _keep_alive(self, entry: ModelEntry, requested: float | None) -> float:
+        for value in (requested, entry.keep_alive):
+            if value is not None:
+                return value
+        return self.settings.keep_alive
+
+    # -- outside the lock ---------------------------------------------------------
+    def _servable(self, name: str) -> ModelEntry:
+        entry = self.registry.get(name)
+        if entry is None:
+            raise AnemllError(f"no model named {name!r}", "list the models with the `models` op",
+                              code="not_found")
+        if entry.state == "failed":
+            message = (entry.error or {}).get("message", "it failed to convert")
+            raise AnemllError(f"model {name!r} failed: {message}", (entry.error or {}).get("hint", ""),
+                              code="model_failed")
+        if entry.state not in SERVABLE or not entry.path:
+            raise AnemllError(f"model {name!r} is {entry.state}, not converted yet",
+                              "follow it with `watch` or `jobs` and ask again once it is ready", code="not_found")
+        return entry
+
+    def _size_of(self, entry: ModelEntry) -> int:
+        if entry.size_bytes is not None:
+            return int(entry.size_bytes)
+        with self._lock:
+            model = self._models.get(entry.name)
+            if model is not None:
+                return model.size_bytes
+        return folder_size(entry.path)
+
+    def _unload_all(self, models: list[ResidentModel], why: str = "evicted for memory") -> None:
+        for model in models:
+            self._finish_unload(model, why)
+
+    def _finish_unload(self, model: ResidentModel, why: str) -> None:
+        with self._lock:
+            if model.engine is None:
+                return
+            engine, model.engine = model.engine, None
+            model._sessions.clear()
+            model.state = "unloaded"
+            queued = list(model.queue)
+            model.queue.clear()
+            model.wakeup.notify_all()
+        del engine
+        log.info("unloaded %s (%s; %d requests served)", model.name, why, model.requests)
+        for work in queued:
+            _safe_fail(work, AnemllError("the daemon is stopping", "try again when it is back", code="busy"))
+        entry = self.registry.get(model.name)
+        if entry is not None and entry.state == "loaded" and not self.is_loaded(model.name):
+            self.registry.upsert(model.name, state="ready")
+
+    def _worker(self, model: ResidentModel) -> None:
+        if not self._load(model):
+            return
+        while True:
+            with self._lock:
+                while not model.queue and model.state == "loaded":
+                    model.wakeup.wait()
+                if model.state != "loaded":
+                    break
+                work = model.running = model.queue.popleft()
+            load_ms = model.load_ms if work.caused_load else 0.0
+            try:
+                work.run(model, load_ms)
+            except Exception:  # the request's own code reports its errors; this is a bug
+                log.exception("request on %s raised", model.name)
+            with self._lock:
+                model.running = None
+                model.requests += 1
+                model.last_used = time.monotonic()
+                model.keep_alive = self._keep_alive(model.entry, work.keep_alive)
+                done_now = model.idle and not model.pinned and model.keep_alive <= 0
+                if done_now:
+                    self._remove(model)
+                self._changed.notify_all()
+            if done_now:
+                self._finish_unload(model, "keep_alive 0")
+                return
+
+    def _load(self, model: ResidentModel) -> bool:
+        """Load on the worker; False (and the waiting requests failed) if it did not."""
+        t0 = time.perf_counter()
+        self._progress(model, "", 0.0)
+        try:
+            if self._loader_takes_progress:
+                engine = self.loader(model.entry, progress=lambda part, f: self._progress(model, part, f))
+            else:
+                engine = self.loader(model.entry)
+        except Exception as e:
+            if isinstance(e, AnemllError):
+                log.error("loading %s failed: %s", model.name, e)
+                message, hint = e.message, e.hint
+            else:
+                log.exception("loading %s failed", model.name)
+                message, hint = f"{type(e).__name__}: {e}", "see the daemon's log; re-convert the model if it persists"
+            self._abandon(model, AnemllError(f"model {model.name!r} could not be loaded: {message}", hint,
+                                             stage="load", code="model_failed"))
+            return False
+        load_ms = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            stopped = self._models.get(model.name) is not model
+            if not stopped:
+                model.engine, model.load_ms, model.state = engine, load_ms, "loaded"
+                model.last_used = time.monotonic()
+            listeners, model.progress_listeners = model.progress_listeners, []
+            self._changed.notify_all()
+        if stopped:
+            del engine
+            self._abandon(model, AnemllError("the daemon is stopping", "try again when it is back", code="busy"))
+            return False
+        self._progress(model, "", 1.0, listeners)
+        log.info("loaded %s in %.0f ms (%s, keep_alive %s%s)", model.name, load_ms, _mb(model.size_bytes),
+                 format_duration(model.keep_alive), ", pinned" if model.pinned else "")
+        entry = self.registry.get(model.name)
+        if entry is not None and entry.state == "ready":
+            self.registry.upsert(model.name, state="loaded")
+        model.ready.set()
+        return True
+
+    def _abandon(self, model: ResidentModel, error: AnemllError) -> None:
+        """A load that failed (or was overtaken by stop): fail everyone waiting for it."""
+        with self._lock:
+            model.error = error
+            self._remove(model)
+            model.state = "unloaded"
+            queued = list(model.queue)
+            model.queue.clear()
+            model.progress_listeners = []
+            model.ready.set()
+            self._changed.notify_all()
+        for work in queued:
+            _safe_fail(work, error)
+
+    def _progress(self, model: ResidentModel, part: str, fraction: float,
+                  listeners: list[ProgressFn] | None = None) -> None:
+        with self._lock:
+            mine = list(model.progress_listeners if listeners is None else listeners)
+            everyone = list(self._progress_listeners)
+        for listener in mine:
+            try:
+                listener(part, fraction)
+            except Exception:
+                log.exception("load progress listener failed")
+        for listener in everyone:
+            try:
+                listener(model.name, part, fraction)
+            except Exception:
+                log.exception("load progress listener failed")
+
+    def _reap(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                expired = [m for m in self._models.values() if m.idle and m.deadline() <= now]
+                for model in expired:
+                    self._remove(model)
+                if not expired:
+                    deadlines = [m.deadline() for m in self._models.values() if m.idle]
+                    wait = min(deadlines, default=math.inf) - now
+                    self._changed.wait(timeout=min(max(wait, 0.005), 60.0))
+            self._unload_all(expired, "keep_alive ran out")
+
+    def _preload(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.acquire(name)
+            except AnemllError as e:
+                log.error("could not preload pinned model %s: %s", name, e)
+            except Exception:
+                log.exception("could not preload pinned model %s", name)
+
+    def _on_registry_change(self, entry: ModelEntry) -> None:
+        """A pinned model that becomes ready is loaded; a resident model whose
+        folder is being converted again goes as soon as it is idle."""
+        with self._lock:
+            if self._stopped:
+                return
+            model = self._models.get(entry.name)
+            pinned = self._pin_override.get(entry.name, entry.pin)
+            if model is not None and entry.state not in SERVABLE:
+                model.pinned = False
+                model.keep_alive = 0.0
+                self._changed.notify_all()
+                return
+            start = model is None and pinned and entry.state == "ready" and entry.path
+        if start:
+            threading.Thread(target=self._preload, args=([entry.name],), name="residency-preload",
+                             daemon=True).start()
+
+
+def _takes_progress(loader: Loader) -> bool:
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _safe_fail(work: _Work, error: AnemllError) -> None:
+    try:
+        work.fail(error)
+    except Exception:
+        log.exception("could not report a failed request")
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MB"
