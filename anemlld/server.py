@@ -1,0 +1,597 @@
+"""The daemon's socket: one ZeroMQ ROUTER speaking docs/protocol.md.
+
+It owns the sockets, the requests in flight and their routing. What to run is
+not its business: models go through ``Residency``, conversions through
+``Jobs``, the model table through ``Registry``.
+
+Threading. ZeroMQ sockets are not thread-safe, so only the thread running
+``serve_forever`` touches them. Everything else (model workers streaming
+tokens, threads waiting for a load, registry and job listeners) hands it
+encoded frames through a queue and wakes it with a byte on a pipe, which the
+loop polls next to the ROUTER. The loop also owns the table of requests in
+flight, keyed by (socket, peer identity, request id): replies are routed by
+that key, so two clients each get only their own tokens, and ``cancel`` only
+reaches the sender's own requests.
+
+A peer that has gone away is noticed when sending to it fails
+(ROUTER_MANDATORY): its generations are cancelled and its watches dropped.
+No message can stop the loop: every handler is wrapped, and an unexpected
+exception becomes an ``internal`` error for that request and a logged traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from anemlld import __version__
+from anemlld.registry import ModelEntry, Registry
+from anemlld.residency import ResidentModel, Residency
+from shared import protocol as p
+from shared.errors import AnemllError
+from shared.protocol import ProtocolError, encode_error, encode_event
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 1000
+RECV_BATCH = 64  # messages read from one socket before looking at the others
+SEND_HWM = 100_000  # queued replies per peer before it counts as gone
+SHUTDOWN_GRACE_S = 2.0  # for cancelled generations to send their `done`
+JOB_OPS = ("convert", "retry")
+
+Peer = tuple[int, bytes]  # (socket index, ROUTER identity)
+Key = tuple[int, bytes, str]  # (socket index, identity, request id)
+
+
+@dataclass
+class _Active:
+    """A request that outlives its handler: a generation, a watch, a load."""
+
+    op: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    ticket: Any = None  # residency.Ticket while a generation may still be queued
+
+
+@dataclass
+class _Out:
+    """A frame for the loop to send. ``tracked`` frames belong to an entry of the
+    active table and are dropped once it is gone (finished, cancelled, peer left)."""
+
+    peer: Peer | None
+    rid: str | None
+    frame: bytes | None
+    final: bool = False
+    tracked: bool = False
+    broadcast: tuple[str, dict] | None = None  # (event, fields) for every watch
+
+
+class Server:
+    def __init__(self, settings: Settings, registry: Registry, residency: Residency, jobs: Any = None):
+        self.settings = settings
+        self.registry = registry
+        self.residency = residency
+        self.jobs = jobs
+        self._ctx = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+        self._auth = None
+        self._outbox: queue.SimpleQueue[_Out] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._closed = False
+        self._active: dict[Key, _Active] = {}
+        self._handlers: dict[str, Callable[[Peer, Any], None]] = {
+            "hello": self._hello, "models": self._models, "ps": self._ps, "jobs": self._jobs,
+            "watch": self._watch, "generate": self._generate, "cancel": self._cancel, "load": self._load,
+            "unload": self._unload, "pin": self._pin, "convert": self._convert, "retry": self._retry}
+        self.capabilities = [op for op in p.REQUESTS if jobs is not None or op not in JOB_OPS]
+        self._unsubscribe = [registry.subscribe(self._on_model_change), residency.listen(self._on_load_progress)]
+        if jobs is not None and callable(getattr(jobs, "subscribe", None)):
+            unsubscribe = jobs.subscribe(self.job_progress)
+            if callable(unsubscribe):
+                self._unsubscribe.append(unsubscribe)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def bind(self) -> None:
+        """Bind the ipc socket (and TCP with CURVE if settings turn it on).
+        Raises AnemllError if another daemon is serving there."""
+        if self._sockets:
+            return
+        self.settings.make_dirs()
+        path = self.settings.socket_path
+        _clear_stale_socket(path)
+        router = self._router()
+        router.bind(self.settings.endpoint)
+        os.chmod(path, 0o600)
+        self._sockets.append(router)
+        log.info("serving on %s", self.settings.endpoint)
+        if self.settings.tcp is not None:
+            self._sockets.append(self._bind_tcp())
+
+    def serve_forever(self) -> None:
+        """Serve until ``stop``; then cancel what runs and close the sockets."""
+        self.bind()
+        poller = zmq.Poller()
+        for sock in self._sockets:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(POLL_MS))
+                for index, sock in enumerate(self._sockets):
+                    if sock in ready:
+                        self._receive(index, sock)
+                if self._wake_r in ready:
+                    self._drain_wakeups()
+                self._flush()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask ``serve_forever`` to return. Safe from any thread and from a signal handler."""
+        self._stopping = True
+        self._wake()
+
+    def job_progress(self, progress: Any) -> None:
+        """Jobs call this (from any thread) with a conversion's progress: a mapping
+        or record with job, model (or name), stage, part, fraction, message."""
+        get = progress.get if isinstance(progress, Mapping) else lambda k, d=None: getattr(progress, k, d)
+        fields = {"kind": "convert", "job": get("job", get("id")), "model": get("model", get("name")),
+                  "stage": get("stage", ""), "part": get("part", ""), "fraction": float(get("fraction", 0.0) or 0.0),
+                  "message": get("message", "") or ""}
+        self._post(_Out(None, None, None, broadcast=("progress", _wire_safe(fields))))
+
+    # -- sockets -----------------------------------------------------------------
+    def _router(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a peer that left raises: we cancel its work
+        # Larger than the limit we answer with too_large; only past this does ZeroMQ drop the peer silently.
+        sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.settings.max_frame_bytes + (64 << 10))
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        return sock
+
+    def _bind_tcp(self) -> zmq.Socket:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        tcp = self.settings.tcp
+        if not zmq.has("curve"):
+            raise AnemllError("TCP is enabled in the settings but this ZeroMQ has no CURVE support",
+                              "install a pyzmq built with libsodium/CURVE, or set [tcp] enabled = false")
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(tcp.client_keys))
+        public, secret = zmq.auth.load_certificate(str(tcp.server_key))
+        if secret is None:
+            raise AnemllError(f"{tcp.server_key} holds no secret key", "point [tcp] server_key at a .key_secret file")
+        sock = self._router()
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        try:
+            sock.bind(tcp.bind)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise AnemllError(f"cannot listen on {tcp.bind}: {e}", "choose another [tcp] bind address or port") from e
+        log.info("serving on %s (CURVE, clients from %s)", tcp.bind, tcp.client_keys)
+        return sock
+
+    def _receive(self, index: int, sock: zmq.Socket) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                self._on_message((index, frames[0]), frames[1:])
+            except Exception:  # the loop must survive anything a message does
+                log.exception("handling a message failed")
+
+    def _send(self, out: _Out) -> None:
+        if out.peer is None or out.frame is None or self._closed:
+            return
+        key = (*out.peer, out.rid)
+        if out.tracked and key not in self._active:
+            return  # cancelled, finished, or its client left
+        if out.final:
+            self._active.pop(key, None)
+        try:
+            self._sockets[out.peer[0]].send_multipart([out.peer[1], out.frame], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                self._peer_gone(out.peer, "has left" if e.errno == errno.EHOSTUNREACH else "is not reading")
+            else:
+                log.error("cannot send to a client: %s", e)
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                out = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if out.broadcast is not None:
+                event, fields = out.broadcast
+                for (index, ident, rid), active in list(self._active.items()):
+                    if active.op == "watch":
+                        self._send(_Out((index, ident), rid, encode_event(rid, event, **fields), tracked=True))
+            else:
+                self._send(out)
+
+    def _post(self, out: _Out) -> None:
+        """Hand a frame to the loop (any thread)."""
+        self._outbox.put(out)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop will wake anyway) or closed
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _peer_gone(self, peer: Peer, why: str) -> None:
+        keys = [k for k in self._active if k[:2] == peer]
+        if keys:
+            log.info("a client %s: cancelling its %d request(s)", why, len(keys))
+        for key in keys:
+            active = self._active.pop(key)
+            active.cancel.set()
+            if active.ticket is not None:
+                active.ticket.withdraw()
+
+    def _shutdown(self) -> None:
+        for key, active in list(self._active.items()):
+            active.cancel.set()
+            withdrawn = active.ticket is not None and active.ticket.withdraw()
+            if active.op == "watch" or withdrawn:
+                fields = _zero_stats() if withdrawn else {}
+                self._send(_Out(key[:2], key[2], encode_event(key[2], "done", done_reason="cancelled", **fields),
+                                final=True, tracked=True))
+        end = time.monotonic() + SHUTDOWN_GRACE_S
+        while any(a.op == "generate" for a in self._active.values()) and time.monotonic() < end:
+            time.sleep(0.01)
+            self._flush()
+        self._flush()
+        self._closed = True
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        for sock in self._sockets:
+            sock.close(linger=200)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        try:
+            if stat.S_ISSOCK(self.settings.socket_path.lstat().st_mode):
+                self.settings.socket_path.unlink()
+        except OSError:
+            pass
+        fds, self._wake_w = (self._wake_r, self._wake_w), -1
+        for fd in fds:
+            os.close(fd)
+        log.info("stopped serving")
+
+    # -- dispatch ------------------------------------------------------------------
+    def _on_message(self, peer: Peer, body: list[bytes]) -> None:
+        if len(body) != 1:
+            rid = _peek_id(body[-1]) if body else None
+            log.warning("dropped a message of %d frames%s", len(body), "" if rid is None else f" (id {rid!r})")
+            if rid is not None:
+                self._reply(peer, rid, encode_error(rid, "bad_request", f"a request is one frame, got {len(body)}",
+                                                    "send one msgpack map as a single frame"))
+            return
+        try:
+            request = p.decode_request(body[0], self.settings.max_frame_bytes)
+        except ProtocolError as e:
+            frame = e.to_frame()
+            if frame is None:
+                log.warning("dropped a request without a usable id: %s", e.message)
+            else:
+                log.info("refused request %r: %s %s", e.request_id, e.code, e.message)
+                self._reply(peer, e.request_id, frame)
+            return
+        log.debug("request %s %s", request.op, request.id)
+        try:
+            if (*peer, request.id) in self._active:
+                raise ProtocolError("bad_request", f"id {request.id!r} is already used by a request in flight",
+                                    request.id, "give every request in flight its own id")
+            handler = self._handlers[request.op]
+            if request.op in JOB_OPS and self.jobs is None:
+                raise ProtocolError("unknown_op", f"this daemon does not run conversion jobs ({request.op})",
+                                    request.id, "use an anemlld started with its drop folder and jobs")
+            handler(peer, request)
+        except AnemllError as e:
+            self._reply(peer, request.id, _error_frame(request.id, e))
+        except Exception as e:
+            log.exception("request %s %r failed", request.op, request.id)
+            self._reply(peer, request.id, encode_error(request.id, "internal", f"{type(e).__name__}: {e}",
+                                                       "this is a bug in anemlld; its log has the details"))
+
+    def _reply(self, peer: Peer, rid: str | None, frame: bytes) -> None:
+        """A reply from the loop itself (no queue needed)."""
+        self._send(_Out(peer, rid, frame))
+
+    def _emit(self, peer: Peer, rid: str, event: str, **fields: Any) -> None:
+        """An event of a tracked request, from any thread."""
+        self._post(_Out(peer, rid, encode_event(rid, event, **fields), final=event in p.FINAL_EVENTS,
+                        tracked=True))
+
+    def _emit_error(self, peer: Peer, rid: str, error: Exception) -> None:
+        frame = _error_frame(rid, error) if isinstance(error, AnemllError) else encode_error(
+            rid, "internal", f"{type(error).__name__}: {error}", "this is a bug in anemlld; its log has the details")
+        self._post(_Out(peer, rid, frame, final=True, tracked=True))
+
+    def _track(self, peer: Peer, rid: str, op: str) -> _Active:
+        active = self._active[(*peer, rid)] = _Active(op)
+        return active
+
+    # -- ops answered at once --------------------------------------------------------
+    def _hello(self, peer: Peer, req: p.Hello) -> None:
+        if req.client:
+            log.info("hello from %s", req.client)
+        self._reply(peer, req.id, encode_event(req.id, "hello", server="anemlld", version=__version__,
+                                               protocol=p.PROTOCOL_VERSION, capabilities=self.capabilities,
+                                               max_frame_bytes=self.settings.max_frame_bytes))
+
+    def _models(self, peer: Peer, req: p.Models) -> None:
+        models = [self._model_record(e) for e in self.registry.all()]
+        self._reply(peer, req.id, encode_event(req.id, "models", models=models))
+
+    def _ps(self, peer: Peer, req: p.Ps) -> None:
+        self._reply(peer, req.id, encode_event(req.id, "ps", ps=self.residency.ps()))
+
+    def _jobs(self, peer: Peer, req: p.Jobs) -> None:
+        jobs = _wire_safe(list(self.jobs.list())) if self.jobs is not None else []
+        self._reply(peer, req.id, encode_event(req.id, "jobs", jobs=jobs))
+
+    def _cancel(self, peer: Peer, req: p.Cancel) -> None:
+        key = (*peer, req.target)
+        active = self._active.get(key)
+        if active is None or active.op not in ("generate", "watch"):
+            what = "cannot be cancelled (only generate and watch can)" if active else "is not running"
+            raise AnemllError(f"request {req.target!r} {what}", "cancel the id of one of your running requests",
+                              code="not_found")
+        self._reply(peer, req.id, encode_event(req.id, "ok"))
+        if active.op == "watch":
+            self._send(_Out(peer, req.target, encode_event(req.target, "done", done_reason="cancelled"),
+                            final=True, tracked=True))
+            return
+        active.cancel.set()  # a running generation stops before its next token
+        if active.ticket is not None and active.ticket.withdraw():  # still queued: it never runs
+            self._send(_Out(peer, req.target, encode_event(req.target, "done", done_reason="cancelled",
+                                                           **_zero_stats()), final=True, tracked=True))
+
+    def _unload(self, peer: Peer, req: p.Unload) -> None:
+        self._known(req.model)
+        self.residency.unload(req.model)
+        self._reply(peer, req.id, encode_event(req.id, "ok"))
+
+    def _convert(self, peer: Peer, req: p.Convert) -> None:
+        extra = {k: v for k, v in (("name", req.name), ("options", req.options)) if v is not None}
+        result = _call_jobs(self.jobs.convert_path, req.path, **extra)
+        self._reply(peer, req.id, encode_event(req.id, "ok", **_job_reply(result, req.name)))
+
+    def _retry(self, peer: Peer, req: p.Retry) -> None:
+        result = _call_jobs(self.jobs.retry, req.name)
+        self._reply(peer, req.id, encode_event(req.id, "ok", **_job_reply(result, req.name)))
+
+    # -- streams ---------------------------------------------------------------------
+    def _watch(self, peer: Peer, req: p.Watch) -> None:
+        self._track(peer, req.id, "watch")
+
+    def _generate(self, peer: Peer, req: p.Generate) -> None:
+        params = _sampling(req)
+        active = _Active("generate")
+        rid, model_name = req.id, req.model
+
+        def run(model: ResidentModel, load_ms: float) -> None:
+            if active.cancel.is_set():
+                self._emit(peer, rid, "done", done_reason="cancelled", **_zero_stats(load_ms))
+                return
+            try:
+                session = model.session(req.session) if req.session else None
+                messages = [dict(m) for m in req.messages] if req.messages is not None else None
+                for event in model.engine.generate(prompt=req.prompt, messages=messages, params=params,
+                                                   session=session, cancel=active.cancel):
+                    if hasattr(event, "stats"):
+                        self._emit(peer, rid, "done", **_done_fields(event.stats, load_ms))
+                    else:
+                        self._emit(peer, rid, "token", text=event.text, token_ids=list(event.token_ids))
+            except Exception as e:
+                if req.session:
+                    model.drop_session(req.session)  # its cache may hold half a request
+                if not isinstance(e, AnemllError):
+                    log.exception("generate %r on %s failed", rid, model_name)
+                self._emit_error(peer, rid, e)
+
+        active.ticket = self.residency.submit(
+            model_name, run, lambda error: self._emit_error(peer, rid, error), keep_alive=req.keep_alive,
+            on_progress=self._load_progress(peer, rid, model_name))
+        self._active[(*peer, rid)] = active
+
+    def _load(self, peer: Peer, req: p.Load) -> None:
+        self._known(req.model)
+        self._track(peer, req.id, "load")
+        progress = self._load_progress(peer, req.id, req.model)
+        self._in_thread(peer, req.id, lambda: self.residency.acquire(req.model, progress, req.keep_alive))
+
+    def _pin(self, peer: Peer, req: p.Pin) -> None:
+        self._known(req.model)
+        if not req.pin:
+            self.residency.pin(req.model, False)
+            self._reply(peer, req.id, encode_event(req.id, "ok"))
+            return
+        self._track(peer, req.id, "pin")
+        progress = self._load_progress(peer, req.id, req.model)
+        self._in_thread(peer, req.id, lambda: self.residency.pin(req.model, True, progress))
+
+    def _in_thread(self, peer: Peer, rid: str, work: Callable[[], Any]) -> None:
+        """Run a blocking op (waiting for a load) off the loop; answer ``ok`` or its error."""
+        def target() -> None:
+            try:
+                work()
+                self._emit(peer, rid, "ok")
+            except Exception as e:
+                if not isinstance(e, AnemllError):
+                    log.exception("request %r failed", rid)
+                self._emit_error(peer, rid, e)
+        threading.Thread(target=target, name=f"request-{rid}", daemon=True).start()
+
+    def _load_progress(self, peer: Peer, rid: str, model: str) -> Callable[[str, float], None]:
+        def progress(part: str, fraction: float) -> None:
+            self._emit(peer, rid, "progress", kind="load", model=model, stage="load", part=part,
+                       fraction=round(float(fraction), 4))
+        return progress
+
+    # -- listeners (any thread) -------------------------------------------------------
+    def _on_model_change(self, entry: ModelEntry) -> None:
+        self._post(_Out(None, None, None, broadcast=("model", {"model": _wire_safe(entry.to_wire())})))
+
+    def _on_load_progress(self, model: str, part: str, fraction: float) -> None:
+        fields = {"kind": "load", "model": model, "stage": "load", "part": part, "fraction": round(float(fraction), 4)}
+        self._post(_Out(None, None, None, broadcast=("progress", fields)))
+
+    # -- helpers --------------------------------------------------------------------
+    def _model_record(self, entry: ModelEntry) -> dict[str, Any]:
+        record = _wire_safe(entry.to_wire())
+        if self.residency.is_loaded(entry.name):
+            record["state"] = "loaded"
+        elif record["state"] == "loaded":
+            record["state"] = "ready"
+        return record
+
+    def _known(self, name: str) -> None:
+        if self.registry.get(name) is None:
+            known = ", ".join(e.name for e in self.registry.all()) or "none yet"
+            raise AnemllError(f"no model named {name!r}", f"models: {known}", code="not_found")
+
+
+# -- module helpers ------------------------------------------------------------------
+
+def _sampling(req: p.Generate):
+    from anemlld.runtime.sampling import SamplingParams
+
+    names = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    given = {k: getattr(req, k) for k in names if getattr(req, k) is not None}
+    try:
+        return SamplingParams(stop=tuple(req.stop), **given)
+    except AnemllError as e:
+        raise ProtocolError("bad_request", e.message, req.id, e.hint) from None
+
+
+def _zero_stats(load_ms: float = 0.0) -> dict[str, Any]:
+    stats: dict[str, Any] = {k: 0 for k in p.GENERATE_STATS}
+    stats.update(prefill_ms=0.0, decode_ms=0.0, tokens_per_s=0.0, load_ms=round(load_ms, 2))
+    return stats
+
+
+def _done_fields(stats: Any, load_ms: float) -> dict[str, Any]:
+    values = stats.as_dict() if hasattr(stats, "as_dict") else dataclasses.asdict(stats)
+    fields = {**_zero_stats(), **values}
+    reason = fields.pop("done_reason", "") or "stop"
+    fields["done_reason"] = reason if reason in p.DONE_REASONS else "stop"
+    fields["load_ms"] = round(load_ms, 2)
+    return _wire_safe(fields)
+
+
+def _error_frame(rid: str, error: AnemllError) -> bytes:
+    code = error.code
+    if code not in p.ERROR_CODES:
+        code = "bad_request" if code == "bad_input" else "model_failed"
+    extra = error.fields if isinstance(error, ProtocolError) else {}
+    return encode_error(rid, code, error.message, error.hint, **extra)
+
+
+def _call_jobs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Jobs' own errors as wire errors: what does not exist is not_found, what
+    cannot work is bad_request."""
+    try:
+        return method(*args, **kwargs)
+    except AnemllError:
+        raise
+    except (FileNotFoundError, KeyError, LookupError) as e:
+        raise AnemllError(str(e).strip("'\""), "check the name or path", code="not_found") from None
+    except (ValueError, NotADirectoryError) as e:
+        raise AnemllError(str(e), "check the request", code="bad_request") from None
+
+
+def _job_reply(result: Any, name: str | None) -> dict[str, Any]:
+    if isinstance(result, Mapping):
+        return _wire_safe({"job": result.get("job", result.get("id")), "name": result.get("name", name)})
+    if isinstance(result, int) and not isinstance(result, bool):
+        return {"job": result, "name": name}
+    if result is not None:
+        return _wire_safe({"job": getattr(result, "job", getattr(result, "id", None)),
+                           "name": getattr(result, "name", name)})
+    return {"job": None, "name": name}
+
+
+def _wire_safe(value: Any) -> Any:
+    """Plain msgpack types: paths as str, records and tuples as maps and lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _wire_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_wire_safe(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    return str(value)
+
+
+def _peek_id(frame: bytes) -> str | None:
+    """The id in a frame, if it has a usable one (for answering a malformed message)."""
+    try:
+        return p.decode_request(frame, 1 << 30).id
+    except ProtocolError as e:
+        return e.request_id
+    except Exception:
+        return None
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a daemon that died; refuse if one is alive there."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise AnemllError(f"{path} exists and is not a socket", "remove it, or set [paths] runtime to another folder")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing the stale socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as e:
+        raise AnemllError(f"cannot check the socket {path}: {e}", "remove it if no anemlld is running") from e
+    finally:
+        probe.close()
+    raise AnemllError(f"another anemlld is already serving at {path}",
+                      "stop it first, or start this one with another --home")
