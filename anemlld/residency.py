@@ -17,8 +17,8 @@ something else is unloaded by hand.
 Threads. Each resident model has one worker thread: it loads the model, then
 runs the model's requests one at a time from a bounded queue
 (``settings.queue_limit`` requests may wait behind the running one; more are
-refused with ``busy``), then unloads it. Concurrent first requests therefore
-load a model once: the others wait in its queue. A reaper thread unloads
+refused with ``busy``) until the model is unloaded. Concurrent first requests
+therefore load a model once: the others wait in its queue. A reaper thread unloads
 models whose keep_alive has run out. One lock guards every table here; the
 registry and callers' callbacks are never called while holding it.
 """
@@ -82,7 +82,7 @@ class ResidentModel:
     the sessions and ``load_ms`` are for the code running on its worker."""
 
     def __init__(self, entry: ModelEntry, size_bytes: int, pinned: bool, keep_alive: float,
-                 lock: threading.Lock):
+                 lock: threading.Lock, max_sessions: int = MAX_SESSIONS):
         self.name = entry.name
         self.entry = entry
         self.size_bytes = size_bytes
@@ -101,6 +101,7 @@ class ResidentModel:
         self.progress_listeners: list[ProgressFn] = []
         self.thread: threading.Thread | None = None
         self._sessions: OrderedDict[str, Any] = OrderedDict()
+        self._max_sessions = max_sessions
 
     # -- on the worker -------------------------------------------------------
     def session(self, session_id: str) -> Any:
@@ -109,7 +110,7 @@ class ResidentModel:
         if session is None:
             session = self.engine.new_session()
         self._sessions[session_id] = session
-        while len(self._sessions) > MAX_SESSIONS:
+        while len(self._sessions) > self._max_sessions:
             self._sessions.popitem(last=False)
         return session
 
@@ -164,6 +165,7 @@ class Residency:
         self.settings = settings
         self.registry = registry
         self.loader = loader
+        self.max_sessions = max_sessions
         self._loader_takes_progress = _takes_progress(loader)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # wakes the reaper
@@ -186,11 +188,12 @@ class Residency:
         size = self._size_of(entry)
         work = _Work(run, fail, keep_alive)
         with self._lock:
-            model, created, victims = self._resident(entry, size, keep_alive)
-            if len(model.queue) + (1 if model.running else 0) > self.settings.queue_limit:
+            model = self._models.get(name)
+            if model is not None and len(model.queue) + (1 if model.running else 0) > self.settings.queue_limit:
                 raise AnemllError(f"model {name!r} is busy: {self.settings.queue_limit} requests are already "
                                   "waiting behind the running one", "try again in a moment, or raise "
                                   "queue_limit in the daemon's settings.toml", code="busy")
+            model, created, victims = self._resident(entry, size, keep_alive)
             work.caused_load = created
             if on_progress is not None and model.state == "loading":
                 model.progress_listeners.append(on_progress)
@@ -315,7 +318,7 @@ class Residency:
             return model, False, []
         victims = self._make_room(size, entry.name)
         pinned = self._pin_override.get(entry.name, entry.pin)
-        model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock)
+        model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock, self.max_sessions)
         model.thread = threading.Thread(target=self._worker, args=(model,), name=f"model-{entry.name}",
                                         daemon=True)
         self._models[entry.name] = model
@@ -357,8 +360,8 @@ class Residency:
     def _servable(self, name: str) -> ModelEntry:
         entry = self.registry.get(name)
         if entry is None:
-            raise AnemllError(f"no model named {name!r}", "list the models with the `models` op",
-                              code="not_found")
+            known = ", ".join(e.name for e in self.registry.all()) or "none yet"
+            raise AnemllError(f"no model named {name!r}", f"models: {known}", code="not_found")
         if entry.state == "failed":
             message = (entry.error or {}).get("message", "it failed to convert")
             raise AnemllError(f"model {name!r} failed: {message}", (entry.error or {}).get("hint", ""),

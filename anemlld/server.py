@@ -93,6 +93,7 @@ class Server:
         os.set_blocking(self._wake_w, False)
         self._stopping = False
         self._closed = False
+        self._bound_path: Path | None = None  # the socket file this server made (and removes)
         self._active: dict[Key, _Active] = {}
         self._handlers: dict[str, Callable[[Peer, Any], None]] = {
             "hello": self._hello, "models": self._models, "ps": self._ps, "jobs": self._jobs,
@@ -109,29 +110,38 @@ class Server:
     def bind(self) -> None:
         """Bind the ipc socket (and TCP with CURVE if settings turn it on).
         Raises AnemllError if another daemon is serving there."""
-        if self._sockets:
+        if self._bound_path is not None:
             return
         self.settings.make_dirs()
         path = self.settings.socket_path
         _clear_stale_socket(path)
         router = self._router()
-        router.bind(self.settings.endpoint)
-        os.chmod(path, 0o600)
         self._sockets.append(router)
+        router.bind(self.settings.endpoint)
+        self._bound_path = path
+        os.chmod(path, 0o600)
         log.info("serving on %s", self.settings.endpoint)
         if self.settings.tcp is not None:
             self._sockets.append(self._bind_tcp())
 
     def serve_forever(self) -> None:
         """Serve until ``stop``; then cancel what runs and close the sockets."""
-        self.bind()
-        poller = zmq.Poller()
-        for sock in self._sockets:
-            poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         try:
+            if self._stopping:
+                return
+            self.bind()
+            poller = zmq.Poller()
+            for sock in self._sockets:
+                poller.register(sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
             while not self._stopping:
-                ready = dict(poller.poll(POLL_MS))
+                try:
+                    ready = dict(poller.poll(POLL_MS))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.ETERM:
+                        break
+                    log.error("polling the sockets failed: %s", e)
+                    continue
                 for index, sock in enumerate(self._sockets):
                     if sock in ready:
                         self._receive(index, sock)
@@ -139,7 +149,7 @@ class Server:
                     self._drain_wakeups()
                 self._flush()
         finally:
-            self._shutdown()
+            self.close()
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return. Safe from any thread and from a signal handler."""
@@ -208,7 +218,7 @@ class Server:
         key = (*out.peer, out.rid)
         if out.tracked and key not in self._active:
             return  # cancelled, finished, or its client left
-        if out.final:
+        if out.final and out.tracked:
             self._active.pop(key, None)
         try:
             self._sockets[out.peer[0]].send_multipart([out.peer[1], out.frame], zmq.NOBLOCK)
@@ -218,19 +228,25 @@ class Server:
             else:
                 log.error("cannot send to a client: %s", e)
 
-    def _flush(self) -> None:
-        while True:
+    def _flush(self, limit: int = 1000) -> None:
+        """Send what the other threads queued; at most ``limit`` at a time, so
+        that a fast stream cannot starve incoming requests."""
+        for _ in range(limit):
             try:
                 out = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            if out.broadcast is not None:
-                event, fields = out.broadcast
-                for (index, ident, rid), active in list(self._active.items()):
-                    if active.op == "watch":
-                        self._send(_Out((index, ident), rid, encode_event(rid, event, **fields), tracked=True))
-            else:
-                self._send(out)
+            try:
+                if out.broadcast is not None:
+                    event, fields = out.broadcast
+                    for (index, ident, rid), active in list(self._active.items()):
+                        if active.op == "watch":
+                            self._send(_Out((index, ident), rid, encode_event(rid, event, **fields), tracked=True))
+                else:
+                    self._send(out)
+            except Exception:
+                log.exception("sending an event failed")
+        self._wake()  # more to send: come back after looking at the sockets
 
     def _post(self, out: _Out) -> None:
         """Hand a frame to the loop (any thread)."""
@@ -262,7 +278,12 @@ class Server:
             if active.ticket is not None:
                 active.ticket.withdraw()
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Cancel what runs, give it a moment to say so, close the sockets.
+        ``serve_forever`` does this on its way out; call it yourself only for a
+        server that never served."""
+        if self._closed:
+            return
         for key, active in list(self._active.items()):
             active.cancel.set()
             withdrawn = active.ticket is not None and active.ticket.withdraw()
@@ -283,20 +304,18 @@ class Server:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
-        try:
-            if stat.S_ISSOCK(self.settings.socket_path.lstat().st_mode):
-                self.settings.socket_path.unlink()
-        except OSError:
-            pass
+        if self._bound_path is not None:
+            self._bound_path.unlink(missing_ok=True)
         fds, self._wake_w = (self._wake_r, self._wake_w), -1
         for fd in fds:
             os.close(fd)
-        log.info("stopped serving")
+        if self._bound_path is not None:
+            log.info("stopped serving")
 
     # -- dispatch ------------------------------------------------------------------
     def _on_message(self, peer: Peer, body: list[bytes]) -> None:
         if len(body) != 1:
-            rid = _peek_id(body[-1]) if body else None
+            rid = next((rid for rid in map(_peek_id, body) if rid is not None), None)
             log.warning("dropped a message of %d frames%s", len(body), "" if rid is None else f" (id {rid!r})")
             if rid is not None:
                 self._reply(peer, rid, encode_error(rid, "bad_request", f"a request is one frame, got {len(body)}",

@@ -14,6 +14,7 @@ Defaults: ../shared/models/pico-llama and pico-qwen3, ../shared/models/eval_dev.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--context-length", type=int, default=512)
     ns = ap.parse_args()
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass bars
     import coremltools
     import torch
 

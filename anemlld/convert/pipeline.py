@@ -244,10 +244,10 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
                            (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
     try:
-        _build_embeddings(p, shapes, work, st, emb_w, quant(o.lut_embeddings))
+        _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
         for i, layers in enumerate(p.chunk_ranges):
             _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
-        _build_head(p, shapes, work, st, emb_w, quant(o.lut_lm_head))
+        _build_end(p, shapes, work, st, emb_w, quant(o.lut_lm_head), head=True)
     finally:
         p.source.close()
 
@@ -306,36 +306,25 @@ def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weigh
     return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
 
 
-def _build_embeddings(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) -> None:
-    name = p.parts[0]
+def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, head: bool) -> None:
+    """The embeddings part (``head`` False) or the split LM head (True)."""
+    name = p.parts[-1] if head else p.parts[0]
     target = work / f"{name}.mlpackage"
     if target.exists():
         st.done += w * (1 + q)
         return
-    lm = build(p.architecture, p.args, layers=range(0), embeddings=True, lm_head=False,
-               context_length=p.options.context_length)
-    st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    table = _quantize(st, name, lm, p.options.lut_embeddings, p, nn.Embedding, w * q)
-    model = st.run("export", name, w, export.export_embeddings, lm, shapes, table)
-    del lm
-    export.set_metadata(model, _metadata(p, p.options.lut_embeddings), "token embeddings")
-    _save(model, target)
-    gc.collect()
-
-
-def _build_head(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float) -> None:
-    name = p.parts[-1]
-    target = work / f"{name}.mlpackage"
-    if target.exists():
-        st.done += w * (1 + q)
-        return
-    lm = build(p.architecture, p.args, layers=range(0), embeddings=False, lm_head=True,
+    lm = build(p.architecture, p.args, layers=range(0), embeddings=not head, lm_head=head,
                lm_head_split=p.lm_head_split, context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    table = _quantize(st, name, lm, p.options.lut_lm_head, p, nn.Conv2d, w * q)
-    model = st.run("export", name, w, export.export_head, lm, shapes, table)
+    if head:
+        bits, kind, fn, what = p.options.lut_lm_head, nn.Conv2d, export.export_head, \
+            f"LM head in {p.lm_head_split} parts"
+    else:
+        bits, kind, fn, what = p.options.lut_embeddings, nn.Embedding, export.export_embeddings, "token embeddings"
+    table = _quantize(st, name, lm, bits, p, kind, w * q)
+    model = st.run("export", name, w, fn, lm, shapes, table)
     del lm
-    export.set_metadata(model, _metadata(p, p.options.lut_lm_head), f"LM head in {p.lm_head_split} parts")
+    export.set_metadata(model, _metadata(p, bits), what)
     _save(model, target)
     gc.collect()
 
