@@ -139,21 +139,57 @@ def _verify(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_launchd(sub) -> None:
+    i = sub.add_parser("install", help="install the per-user LaunchAgent (macOS) and start it")
+    i.add_argument("--print", action="store_true", help="print the plist instead of installing it")
+    sub.add_parser("uninstall", help="stop and remove the LaunchAgent (macOS)")
+    sub.add_parser("status", help="whether the LaunchAgent is installed and running (macOS)")
+
+
+def _launchd(ns: argparse.Namespace) -> int:
+    from anemlld import launchd
+    from shared.settings import Settings
+
+    settings = Settings.load(home=ns.home)
+    if ns.command == "install":
+        if ns.print:
+            sys.stdout.write(launchd.render(settings).decode())
+            return 0
+        path = launchd.install(settings)
+        print(f"installed {path}; anemlld now runs in the background and at every login")
+    elif ns.command == "uninstall":
+        print("removed the LaunchAgent" if launchd.uninstall() else "the LaunchAgent was not installed")
+    else:
+        print(launchd.status())
+    return 0
+
+
+def _daemon(ns: argparse.Namespace) -> int:
+    from anemlld.daemon import run
+
+    return run(home=ns.home)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anemlld", description="Large language models on the Apple Neural Engine.")
+    parser = argparse.ArgumentParser(
+        prog="anemlld", description="Large language models on the Apple Neural Engine. With no command, "
+                                    "runs the daemon in the foreground (as launchd wants).")
+    parser.add_argument("--home", help="keep everything (drop folder, models, state, logs, socket) under DIR "
+                                       "(default: $ANEMLL_HOME, else the platform folders)", metavar="DIR")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     _add_convert(sub)
     _add_run(sub)
     _add_verify(sub)
+    _add_launchd(sub)
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if ns.command is None:
-        parser.print_help()
-        return 2
+    if ns.command is not None:
+        logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    commands = {"convert": _convert, "run": _run, "verify": _verify, "install": _launchd,
+                "uninstall": _launchd, "status": _launchd, None: _daemon}
     try:
-        return {"convert": _convert, "run": _run, "verify": _verify}[ns.command](ns)
+        return commands[ns.command](ns)
     except AnemllError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

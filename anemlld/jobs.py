@@ -216,9 +216,10 @@ def _beside(folder: Path) -> Path:
 class Jobs:
     """The journal and its one worker thread.
 
-    ``on_progress(record)`` (optional, also settable as an attribute) is called
-    from the worker thread with the job's ``jobs``-op record plus ``message``
-    whenever its state changes and, throttled, as it progresses.
+    Progress listeners (``on_progress``, settable as an attribute, and any
+    added with ``subscribe``) are called from the worker thread with the job's
+    ``jobs``-op record plus ``message``, when a job starts, ends or fails and,
+    throttled, as it progresses.
     """
 
     def __init__(self, settings: Settings, registry: Registry, convert: ConvertFn | None = None,
@@ -227,6 +228,7 @@ class Jobs:
         self.registry = registry
         self.on_progress = on_progress
         self._convert = convert
+        self._listeners: list[ProgressListener] = []
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[int] = collections.deque()
@@ -366,6 +368,17 @@ class Jobs:
         log.info("retrying %s as job %d", name, new.id)
         return new.to_wire()
 
+    def subscribe(self, listener: ProgressListener) -> Callable[[], None]:
+        """Add a progress listener; returns the function that removes it."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+        return unsubscribe
+
     def list(self) -> list[dict[str, Any]]:
         """Every job, in queue order, shaped as the ``jobs`` op sends them."""
         return [job.to_wire() for job in self.jobs()]
@@ -425,20 +438,22 @@ class Jobs:
                 return same, False
             problem = info.error or (self._check_converted(where) if info.converted else None)
             if problem is not None:
-                return self._fail_at_submit(origin, coming_back_from, info, overrides, problem), True
-            if info.converted:
-                job = self._insert(info, "register", origin, coming_back_from, overrides, state="done")
-                self._place(job)
+                job = self._fail_at_submit(origin, coming_back_from, info, overrides, problem)
             else:
-                job = self._insert(info, "convert", origin, coming_back_from, overrides)
+                job = self._insert(info, "register" if info.converted else "convert", origin, coming_back_from,
+                                   overrides, state="done" if info.converted else "queued")
                 self._place(job)
-        if info.converted:
+        # Announced once the journal is written, outside the lock (a retry holds it across this call).
+        if job.state == "failed":
+            self.registry.upsert(job.name, state="failed", source=job.source, options=job.public_options,
+                                 error=job.error)
+        elif job.state == "done":
             self._announce_registered(job)
-            return job, True
-        self.registry.upsert(job.name, state="queued", source=job.origin, options=job.public_options,
-                             error=None, pin=job.pin, keep_alive=job.keep_alive)
-        self._enqueue(job.id)
-        log.info("queued %s as job %d (%s)", job.name, job.id, origin)
+        else:
+            self.registry.upsert(job.name, state="queued", source=job.origin, options=job.public_options,
+                                 error=None, pin=job.pin, keep_alive=job.keep_alive)
+            self._enqueue(job.id)
+            log.info("queued %s as job %d (%s)", job.name, job.id, origin)
         return job, True
 
     def _same_input(self, fingerprint: str, include_failed: bool) -> Job | None:
@@ -475,7 +490,6 @@ class Jobs:
                            state="failed", error=error)
         log.warning("%s failed at %s: %s", info.name, error["stage"], error["message"])
         self._place(job)
-        self.registry.upsert(job.name, state="failed", source=job.source, options=job.public_options, error=error)
         return job
 
     @staticmethod
@@ -619,13 +633,15 @@ class Jobs:
         raise AnemllError(f"the failed folder {failed_dir} is full of {origin.name} copies",
                           "empty the failed folder", stage="failed")
 
-    def _place(self, job: Job) -> None:
+    def _place(self, job: Job, repairing: bool = False) -> None:
         """Put the input where the job's state says it belongs (idempotent, so
         ``start`` can finish a move a crash interrupted): a failed one in the
         failed folder with its error.json, any other at its origin."""
         origin = Path(job.origin)
         failed = Path(job.failed_path) if job.failed_path else None
         if job.state == "failed":
+            if repairing and self._has_error_file(origin):
+                return  # our error.json is in it: moved back by its owner, not left behind by a crash
             if failed is not None:
                 self._move(origin, failed)
             self._write_error_file(job)
@@ -665,13 +681,18 @@ class Jobs:
             log.error("cannot write %s: %s", path, e)
 
     @staticmethod
-    def _remove_error_file(folder: Path) -> None:
-        path = folder / ERROR_FILE
+    def _has_error_file(folder: Path) -> bool:
         try:
-            if "retry" in json.loads(path.read_text(encoding="utf-8")):  # ours, not the model's
-                path.unlink()
+            return "retry" in json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))  # ours, not the model's
         except (OSError, ValueError, TypeError):
-            pass
+            return False
+
+    def _remove_error_file(self, folder: Path) -> None:
+        if self._has_error_file(folder):
+            try:
+                (folder / ERROR_FILE).unlink()
+            except OSError as e:
+                log.warning("cannot remove %s: %s", folder / ERROR_FILE, e)
 
     # -- journal ------------------------------------------------------------
 
@@ -687,7 +708,7 @@ class Jobs:
         rows = self._db.execute("SELECT * FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs GROUP BY origin)"
                                 " AND (failed_path IS NOT NULL OR state = 'failed') ORDER BY id")
         for job in map(Job.from_row, rows.fetchall()):
-            self._place(job)
+            self._place(job, repairing=True)
 
     def _restore_registry(self) -> None:
         """What the registry shows after a restart: the newest job of each
@@ -714,13 +735,14 @@ class Jobs:
                             job.name, job.output)
 
     def _emit(self, job: Job, message: str = "") -> None:
-        listener = self.on_progress
-        if listener is None:
-            return
-        try:
-            listener({**job.to_wire(), "message": message})
-        except Exception:
-            log.exception("the progress listener failed")
+        with self._lock:
+            listeners = [self.on_progress, *self._listeners] if self.on_progress else list(self._listeners)
+        record = {**job.to_wire(), "message": message}
+        for listener in listeners:
+            try:
+                listener(dict(record))
+            except Exception:
+                log.exception("a progress listener failed")
 
 
 class _ProgressReporter:

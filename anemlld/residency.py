@@ -47,10 +47,10 @@ ProgressFn = Callable[[str, float], None]  # (part, fraction 0..1) while a model
 Loader = Callable[..., Any]  # loader(entry) or loader(entry, progress=ProgressFn) -> engine
 
 
-def default_loader(entry: ModelEntry) -> Any:
+def default_loader(entry: ModelEntry, progress: Any = None) -> Any:
     from anemlld.runtime.engine import Engine  # torch and friends only when a model is loaded
 
-    return Engine(entry.path)
+    return Engine(entry.path, progress=progress)
 
 
 def folder_size(path: str | os.PathLike | None) -> int:
@@ -412,6 +412,7 @@ class Residency:
                 if model.state != "loaded":
                     break
                 work = model.running = model.queue.popleft()
+                model.requests += 1  # counted as it starts, so `ps` agrees with a client that saw `done`
             load_ms = model.load_ms if work.caused_load else 0.0
             try:
                 work.run(model, load_ms)
@@ -419,7 +420,6 @@ class Residency:
                 log.exception("request on %s raised", model.name)
             with self._lock:
                 model.running = None
-                model.requests += 1
                 model.last_used = time.monotonic()
                 model.keep_alive = self._keep_alive(model.entry, work.keep_alive)
                 done_now = model.idle and not model.pinned and model.keep_alive <= 0

@@ -84,6 +84,8 @@ def stream_answer(conn: Connection, request: Generate, out: TextIO, err: TextIO,
                 out.flush()
         elif event.final:
             status.clear()
+            if event.event == "error" and "".join(parts) and json_out is None:
+                out.write("\n")  # the error goes on a line of its own
             event.raise_for_error()
             if event.event == "done":
                 return Answer("".join(parts), dict(event.data))

@@ -88,14 +88,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--watch goes with --jobs, --convert or --retry")
     if (ns.name or ns.option) and not ns.convert:
         parser.error("--name and --option go with --convert")
-    return run(ns, sys.stdin, sys.stdout, sys.stderr)
+    if not managing and ns.prompt is None and sys.stdin is not None and not _is_tty(sys.stdin):
+        ns.prompt = sys.stdin.read()  # the question comes on a pipe: answer it once
+        if not ns.prompt.strip():
+            parser.error("nothing to ask: standard input was empty; give the question with -p TEXT")
+    if ns.json and not managing and ns.prompt is None:
+        parser.error("--json needs a question: give it with -p TEXT or on standard input")
+    for stream in (sys.stdout, sys.stderr):  # a token the terminal cannot show must not end the answer
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+    return run(ns, sys.stdout, sys.stderr)
 
 
-def run(ns: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+def _is_tty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # closed
+        return False
+
+
+def run(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # imported here, not above: `--help` must not pay for pyzmq and msgpack
     from client.connection import Connection, Interrupted, NotReachable
     from client.render import error_text
-    from client.models import NoModel
     from shared.errors import AnemllError
     from shared.protocol import ProtocolError
     from shared.settings import Settings
@@ -105,128 +122,56 @@ def run(ns: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
         settings = Settings.load(home=ns.home)
         conn = Connection(settings)
         conn.open()
-        return dispatch(ns, conn, settings, stdin, out, err)
+        return dispatch(ns, conn, settings, out, err)
     except NotReachable as e:
         err.write(f"{e}\n")
         return EXIT_UNAVAILABLE
     except ProtocolError as e:  # an error event, or a request we refused to send
         err.write(error_text(e.message, e.hint) + "\n")
         return EXIT_ERROR
-    except NoModel as e:
-        err.write(error_text(e.message, e.hint) + "\n")
-        return EXIT_UNAVAILABLE
-    except AnemllError as e:  # settings.toml and such
+    except AnemllError as e:  # no model to pick, a bad settings.toml ...
         err.write(error_text(e.message, e.hint) + "\n")
         return EXIT_UNAVAILABLE
     except (Interrupted, KeyboardInterrupt):
         err.write("\n")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `anemll-chat --list | head -1`
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+    except BrokenPipeError:  # `anemll-chat --list | head -1`: quiet, also at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     finally:
         if conn is not None:
             conn.close()
 
 
-def dispatch(ns: argparse.Namespace, conn: Any, settings: Any, stdin: TextIO, out: TextIO, err: TextIO) -> int:
-    from client import render
+def dispatch(ns: argparse.Namespace, conn: Any, settings: Any, out: TextIO, err: TextIO) -> int:
+    from client import manage
     from client.chat import event_json
 
-    json_out = None
-    if ns.json:
-        def json_out(event) -> None:
-            out.write(event_json(event) + "\n")
-            out.flush()
-
-    style = render.Style.for_stream(out)
-    if ns.list:
-        return _list(conn, settings, out, style, json_out)
-    if ns.ps:
-        return _ps(conn, out, style, json_out)
-    if ns.jobs:
-        return _jobs(conn, ns.watch, out, json_out)
-    if ns.convert or ns.retry:
-        return _queue(conn, ns, out, json_out)
-    return _chat(ns, conn, settings, stdin, out, err, json_out)
-
-
-def _list(conn, settings, out, style, json_out) -> int:
-    from client import render
-    from shared.protocol import Models
-
-    event = conn.call(Models(id=conn.next_id()))
-    if json_out:
-        json_out(event)
-    elif event["models"]:
-        out.write("\n".join(render.models_lines(event["models"], style)) + "\n")
-    else:
-        out.write(f"no models yet: drop a Hugging Face model folder into {settings.drop_dir}, "
-                  "or run: anemll-chat --convert PATH\n")
-    return EXIT_OK
-
-
-def _ps(conn, out, style, json_out) -> int:
-    from client import render
-    from shared.protocol import Ps
-
-    event = conn.call(Ps(id=conn.next_id()))
-    if json_out:
-        json_out(event)
-    elif event["ps"]:
-        out.write("\n".join(render.ps_lines(event["ps"], style)) + "\n")
-    else:
-        out.write("no models are loaded\n")
-    return EXIT_OK
-
-
-def _jobs(conn, watch: bool, out, json_out) -> int:
-    from client.jobs import follow_jobs, show_jobs
-    from shared.protocol import Jobs
-
-    if watch:
-        return follow_jobs(conn, out, json_out)
-    if json_out:
-        json_out(conn.call(Jobs(id=conn.next_id())))
-        return EXIT_OK
-    return show_jobs(conn, out)
-
-
-def _queue(conn, ns, out, json_out) -> int:
-    from client.jobs import follow_jobs
-    from shared.protocol import Convert, ProtocolError, Retry
-
-    if ns.convert:
-        options = {}
-        for item in ns.option:
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ProtocolError("bad_request", f"--option {item!r} is not KEY=VALUE",
-                                    hint="for example: -o context_length=1024 -o lut_ffn=4")
-            options[key.strip().replace("-", "_")] = value.strip()
-        request = Convert(id=conn.next_id(), path=os.path.abspath(os.path.expanduser(ns.convert)),
-                          name=ns.name, options=options or None)
-    else:
-        request = Retry(id=conn.next_id(), name=ns.retry)
-    event = conn.call(request)
-    if json_out:
-        json_out(event)
-    else:
-        out.write(f"queued job {event.get('job', '?')}: {event.get('name', ns.retry or '')}\n")
-        if not ns.watch:
-            out.write("follow it with: anemll-chat --jobs --watch\n")
+    def print_json(event) -> None:
+        out.write(event_json(event) + "\n")
         out.flush()
-    return follow_jobs(conn, out, json_out) if ns.watch else EXIT_OK
+
+    json_out = print_json if ns.json else None
+
+    if ns.list:
+        return manage.list_models(conn, settings, out, json_out)
+    if ns.ps:
+        return manage.list_resident(conn, out, json_out)
+    if ns.jobs:
+        return manage.list_jobs(conn, ns.watch, out, json_out)
+    if ns.convert:
+        return manage.convert(conn, ns.convert, ns.name, ns.option, ns.watch, out, json_out)
+    if ns.retry:
+        return manage.retry(conn, ns.retry, ns.watch, out, json_out)
+    return _chat(ns, conn, settings, out, err, json_out)
 
 
-def _chat(ns, conn, settings, stdin, out, err, json_out) -> int:
+def _chat(ns, conn, settings, out, err, json_out) -> int:
+    """The chat when there is no question (a terminal), else one answer."""
     from client import render
     from client.chat import check_options, stream_answer
-    from client.models import NoModel, remember_model, resolve_model
-    from client.repl import Repl
+    from client.models import remember_model, resolve_model
+    from client.repl import Repl, preload
     from shared.protocol import Generate
 
     options: dict[str, Any] = {k: v for k, v in (
@@ -236,18 +181,11 @@ def _chat(ns, conn, settings, stdin, out, err, json_out) -> int:
     check_options(options)
 
     text = ns.prompt
-    if text is None and not render.is_tty(stdin):
-        text = stdin.read()
-        if not text.strip():
-            raise NoModel("nothing to ask: standard input was empty", 'give the question with -p "TEXT"')
-    if text is None and json_out is not None:
-        raise NoModel("--json needs a question", 'give it with -p "TEXT" or on standard input')
-
     record = resolve_model(conn, settings, ns.model, wait=not ns.no_wait, err=err, json_out=json_out)
     name = record["name"]
     if text is None:
         if record.get("state") != "loaded":
-            _preload(conn, name, options, err)
+            preload(conn, name, options.get("keep_alive"), err)
         return Repl(conn, settings, name, options=options, system=ns.system, show_stats=ns.stats,
                     stdout=out, stderr=err).run()
 
@@ -269,27 +207,6 @@ def _chat(ns, conn, settings, stdin, out, err, json_out) -> int:
         return EXIT_INTERRUPTED
     remember_model(settings, name)
     return EXIT_OK
-
-
-def _preload(conn, name: str, options: dict[str, Any], err) -> None:
-    """Load the model before the first prompt, as `ollama run` does: the first
-    answer is then quick, and a model that cannot load says so at once."""
-    from client import render
-    from shared.protocol import Load
-
-    keep = {"keep_alive": options["keep_alive"]} if "keep_alive" in options else {}
-    status = render.StatusLine(err)
-    unicode = render.can_draw_unicode(err)
-    try:
-        for event in conn.stream(Load(id=conn.next_id(), model=name, **keep), cancellable=False):
-            if event.event == "progress":
-                fraction = event.get("fraction", 0.0)
-                status.show(f"loading {name} {render.bar(fraction, 20, unicode)} {render.percent(fraction)}")
-            elif event.final:
-                event.raise_for_error()
-                return
-    finally:
-        status.clear()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import replace
 
 import zmq
 
@@ -98,18 +97,6 @@ class Connection:
             self._socket.close(linger=0)
             self._socket = None
 
-    def __enter__(self) -> "Connection":
-        if self._socket is None:
-            self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def serves(self, op: str) -> bool:
-        """Whether the daemon lists ``op`` (or ``op.field``) among its capabilities."""
-        return self.hello is None or op in (self.hello.get("capabilities") or ())
-
     # -- sending and receiving ---------------------------------------------------
 
     def next_id(self) -> str:
@@ -117,12 +104,11 @@ class Connection:
         return str(self._counter)
 
     def send(self, request: Request) -> str:
-        """Send ``request`` (its id is replaced when empty) and return its id."""
-        if not request.id:
-            request = replace(request, id=self.next_id())
+        """Send ``request`` and return its id (make it with ``next_id``)."""
         assert self._socket is not None, "open() the connection first"
         self._socket.send(encode_request(request))
         self._open.add(request.id)
+        self._last_heard = time.monotonic()  # silence is counted from our latest question
         return request.id
 
     def pending(self, rid: str) -> bool:
@@ -186,9 +172,10 @@ class Connection:
                 event = self.wait({rid}, timeout=TICK)
                 if event is None:
                     continue
-                yield event
                 if event.final:
-                    return
+                    break
+                yield event
+        yield event  # the final one, with Ctrl-C back to its usual self
 
     def cancel(self, target: str, timeout: float = 5.0) -> None:
         """Ask the daemon to stop request ``target``; its own stream then ends with
@@ -199,8 +186,7 @@ class Connection:
             self.forget(cid)
             self.forget(target)
             raise Interrupted()
-        if event.event == "error":  # not_found: it had just finished; its final event is on its way
-            return
+        # `ok`, or `not_found` when it had just finished: either way its final event is on its way
 
     def _receive(self, timeout: float) -> None:
         assert self._socket is not None
@@ -240,8 +226,8 @@ class Connection:
 
 def version_mismatch(daemon_protocol: object, hint: str) -> NotReachable:
     if isinstance(daemon_protocol, int) and not isinstance(daemon_protocol, bool):
-        side = ("update anemll-chat (the client): pip install -U anemlld"
-                if daemon_protocol > PROTOCOL_VERSION else "update anemlld (the daemon), then restart it")
+        side = ("update anemll-chat (the client)" if daemon_protocol > PROTOCOL_VERSION
+                else "update anemlld (the daemon), then restart it")
         return NotReachable(f"anemlld speaks protocol {daemon_protocol} and this anemll-chat speaks "
                             f"{PROTOCOL_VERSION}: {side}")
     return NotReachable(f"anemlld does not speak protocol {PROTOCOL_VERSION} as this anemll-chat does: "

@@ -138,7 +138,7 @@ def follow_jobs(conn: Connection, out: TextIO, json_out: Callable[[Event], None]
                 break
     if json_out is None:
         failed = [j for j in board.jobs.values() if j.get("state") == "failed"]
-        out.write(f"all jobs finished" + (f", {len(failed)} failed" if failed else "") + "\n")
+        out.write("all jobs finished" + (f", {len(failed)} failed" if failed else "") + "\n")
     return 0
 
 
@@ -161,12 +161,15 @@ def wait_for_model(conn: Connection, name: str, err: TextIO,
         if job is None:
             return
         state, stage, fraction = job.get("state"), job.get("stage") or "", job.get("fraction", 0.0)
-        if status.enabled:
+        if status.enabled and state == "queued":
+            status.show(f"{name} is queued for conversion  (Ctrl-C to stop waiting)")
+        elif status.enabled:
             status.show(f"converting {name}: {stage} {render.bar(fraction, 20, render.can_draw_unicode(err))} "
                         f"{render.percent(fraction)}  (Ctrl-C to stop waiting)")
         elif (state, stage) != said and json_out is None:
             said = (state, stage)
-            err.write(f"waiting for {name}: {state} {stage} {render.percent(fraction).strip()}\n".replace("  ", " "))
+            words = ("waiting for", f"{name}:", state, stage, render.percent(fraction).strip())
+            err.write(" ".join(w for w in words if w) + "\n")
             err.flush()
 
     with cancel_on_interrupt() as interrupted:

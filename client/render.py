@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-from shared.settings import format_duration
 
 STATE_COLOURS = {"loaded": "32", "ready": "36", "converting": "33", "queued": "33", "running": "33",
                  "failed": "31", "done": "32"}
@@ -220,10 +219,6 @@ def stats_line(done: Mapping[str, Any]) -> str:
 
 def error_text(message: str, hint: str = "") -> str:
     return f"error: {message}" + (f"\n  -> {hint}" if hint else "")
-
-
-def duration_text(seconds: float | None) -> str:
-    return format_duration(seconds)
 
 
 # -- live output ---------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from client import render
 from client.chat import SAMPLING, Answer, parse_setting, show_options, stream_answer
 from client.connection import Connection, Interrupted
-from client.models import NoModel, chat_state_dir, remember_model, resolve_model
+from client.models import chat_state_dir, remember_model, resolve_model
 from shared.errors import AnemllError
 from shared.protocol import Generate, Load, Models, Pin, ProtocolError, Ps, Request, Unload
 from shared.settings import Settings
@@ -113,30 +113,30 @@ class Repl:
         try:
             answer = stream_answer(self.conn, request, self.out, self.err)
         except ProtocolError as e:
-            self.end_line(None)
             self.error(e)
+            self.out.write("\n")
             return None
         except (Interrupted, KeyboardInterrupt):  # no confirmation of the cancel, or Ctrl-C twice
             self.conn.forget(request.id)
             self.out.write("\n")
             self.say("(cancelled)")
             return None
-        self.end_line(answer)
+        self.end_answer(answer)
         if answer.text or answer.reason != "cancelled":
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer.text}]
         if answer.reason != "cancelled":
             remember_model(self.settings, self.model)
         return answer
 
-    def end_line(self, answer: Answer | None) -> None:
-        if answer is not None and answer.text and not answer.text.endswith("\n"):
+    def end_answer(self, answer: Answer) -> None:
+        if answer.text and not answer.text.endswith("\n"):
             self.out.write("\n")
-        if answer is not None and answer.reason == "cancelled":
+        if answer.reason == "cancelled":
             self.say("(cancelled)")
-        elif answer is not None and answer.reason == "length":
+        elif answer.reason == "length":
             self.say(f"(stopped at max_tokens = {answer.done.get('completion_tokens', '?')}; "
                      "/set max_tokens N for longer answers)")
-        if answer is not None and self.show_stats and answer.reason != "cancelled":
+        if self.show_stats and answer.reason != "cancelled":
             self.say(render.stats_line(answer.done))
         self.out.write("\n")
         self.out.flush()
@@ -166,14 +166,14 @@ class Repl:
                     status.show(f"{event.get('stage', '')} {event.get('model', '')} "
                                 f"{render.percent(event.get('fraction'))}")
                 elif event.final:
-                    status.clear()
                     event.raise_for_error()
                     return event
         except ProtocolError as e:
             self.error(e)
         except Interrupted:
-            status.clear()
             self.say("(stopped waiting; the daemon carries on)")
+        finally:
+            status.clear()
         return None
 
     # -- slash commands: return False to quit ----------------------------------------
@@ -204,7 +204,7 @@ class Repl:
             keep = {"keep_alive": parse_setting("keep_alive", words[1])} if len(words) > 1 else {}
             if name != self.model:
                 resolve_model(self.conn, self.settings, name, wait=True, err=self.err)
-        except (ProtocolError, NoModel) as e:
+        except AnemllError as e:
             self.error(e)
             return
         except Interrupted:
@@ -256,7 +256,7 @@ class Repl:
 
     def cmd_system(self, rest: str) -> None:
         self.system = rest or None
-        self.say(f"system prompt set" if rest else "system prompt removed")
+        self.say("system prompt set" if rest else "system prompt removed")
 
     def cmd_clear(self, rest: str) -> None:
         self.history.clear()
@@ -266,6 +266,23 @@ class Repl:
     def cmd_stats(self, rest: str) -> None:
         self.show_stats = not self.show_stats
         self.say(f"statistics {'on' if self.show_stats else 'off'}")
+
+
+def preload(conn: Connection, name: str, keep_alive: Any, err: TextIO) -> None:
+    """Load the model before the first prompt, as `ollama run` does: the first
+    answer is then quick, and a model that cannot load says so at once."""
+    keep = {"keep_alive": keep_alive} if keep_alive is not None else {}
+    status = render.StatusLine(err)
+    unicode = render.can_draw_unicode(err)
+    try:
+        for event in conn.stream(Load(id=conn.next_id(), model=name, **keep), cancellable=False):
+            if event.event == "progress":
+                fraction = event.get("fraction", 0.0)
+                status.show(f"loading {name} {render.bar(fraction, 20, unicode)} {render.percent(fraction)}")
+            elif event.final:
+                event.raise_for_error()
+    finally:
+        status.clear()
 
 
 def new_session() -> str:

@@ -134,54 +134,66 @@ def make_jobs(settings):
         jobs.stop(timeout=1.0)
 
 
-# -- the real converter ---------------------------------------------------------
+# -- the life of a job ------------------------------------------------------------
 
 def test_dropped_model_is_converted_once_and_announced_ready(settings, dropped, make_jobs):
-    from anemlld.convert import pipeline
-
-    calls = []
-
-    def counting(*a, **kw):
-        calls.append(a[0])
-        return pipeline.convert(*a, **kw)
-
+    fake = FakeConvert(delay=0.05)
     events: list[dict] = []
     registry = Registry()
     states: list[str] = []
     registry.subscribe(lambda entry: states.append(entry.state))
-    jobs = make_jobs(counting, registry, on_progress=events.append)
+    jobs = make_jobs(fake, registry, on_progress=events.append)
+    subscribed: list[dict] = []
+    jobs.subscribe(subscribed.append)
+    jobs.subscribe(lambda record: 1 / 0)  # a failing listener harms nobody
     jobs.start()
     folder = dropped("tiny")
     first = jobs.submit(folder)
     assert first is not None
     assert jobs.submit(folder) is None  # same input while queued or running
-    assert jobs.wait_idle(120)
+    assert jobs.wait_idle(10)
     assert jobs.submit(folder) is None  # same input once done
-    assert calls == [folder]
+    assert [c[:2] for c in fake.calls] == [(folder, settings.models_dir / "tiny")]
+    assert fake.calls[0][2] == SMALL_OPTIONS  # the sidecar's [convert]
 
     entry = registry.get("tiny")
-    assert entry.state == "ready" and entry.path == str(settings.models_dir / "tiny")
-    assert entry.size_bytes > 0 and entry.options["context_length"] == 64 and entry.options["lut_ffn"] == "none"
-    assert states[:3] == ["queued", "converting", "ready"]
-    assert layout.read_meta(settings.models_dir / "tiny").context_length == 64
-    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["tiny"]  # no partial left over
+    assert entry.state == "ready" and entry.path == str(settings.models_dir / "tiny") and entry.size_bytes > 0
+    assert entry.options["context_length"] == 64 and entry.options["lut_ffn"] == "none"
+    assert "lut_group_size" not in entry.options
+    assert states == ["queued", "converting", "ready"]
 
     [job] = jobs.list()
     assert set(job) == {"job", "name", "source", "state", "stage", "part", "fraction", "created_at", "updated_at",
                         "error"}
     assert (job["job"], job["name"], job["state"], job["fraction"], job["error"]) == (first, "tiny", "done", 1.0, None)
-    stages = [e["stage"] for e in events]
-    assert "export" in stages and stages[-1] == "done" and events[-1]["state"] == "done"
+    assert job["source"] == str(folder) and job["created_at"] <= job["updated_at"]
+    assert [e["stage"] for e in events] == ["", "export", "quantize", "combine", "done", "done"]
+    assert [e["state"] for e in events][-1] == "done" and events[-1]["message"] == "done"
     assert all(e["job"] == first and e["name"] == "tiny" for e in events)
+    assert subscribed == events
 
     # A restart registers the converted model from the journal and converts nothing.
     jobs.stop()
+    jobs.close()
     registry2 = Registry()
     again = make_jobs(FakeConvert(), registry2)
     again.start()
     assert again.submit(folder) is None
     assert again.wait_idle(5)
     assert registry2.get("tiny").state == "ready" and again._convert.calls == []
+
+
+def test_a_changed_input_is_converted_again(settings, dropped, make_jobs):
+    fake = FakeConvert()
+    jobs = make_jobs(fake)
+    jobs.start()
+    folder = dropped("tiny")
+    jobs.submit(folder)
+    assert jobs.wait_idle(5)
+    (folder / "anemll.toml").write_text(SMALL.replace("context_length = 64", "context_length = 128"))
+    assert jobs.submit(folder) is not None
+    assert jobs.wait_idle(5)
+    assert [c[2].context_length for c in fake.calls] == [64, 128]
 
 
 # -- failures, the failed folder, retry ---------------------------------------------
@@ -212,6 +224,13 @@ def test_bad_sidecar_fails_into_the_failed_folder_and_is_never_requeued(settings
     shutil.move(settings.failed_dir / "tiny.anemll.toml", settings.drop_dir / "tiny.anemll.toml")
     assert jobs.submit(folder) is None
     assert fake.calls == [] and len(jobs.list()) == 1
+    # nor after a restart; and since its owner moved it (error.json is in it), it stays put
+    jobs.stop()
+    jobs.close()
+    again = make_jobs(fake, Registry())
+    again.start()
+    assert again.submit(folder) is None and folder.is_dir() and (folder / "error.json").is_file()
+    assert fake.calls == [] and len(again.list()) == 1
 
 
 def test_bad_input_fails_with_error_json_then_retry_after_fixing_converts(settings, dropped, make_jobs):
@@ -396,19 +415,24 @@ def test_watcher_and_jobs_together_convert_a_slow_copy_once(settings, one_layer_
 # -- kill -9 in the middle of a real conversion -------------------------------------
 
 CHILD = """
-import logging, sys
+import json, logging, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from anemlld.jobs import Jobs
 from anemlld.registry import Registry
 from shared.settings import Settings
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-jobs = Jobs(Settings.load(home=sys.argv[2], env={}), Registry())
+home = Path(sys.argv[2])
+registry = Registry()
+events = open(home / "events.jsonl", "a")
+jobs = Jobs(Settings.load(home=home, env={}), registry,
+            on_progress=lambda record: (events.write(json.dumps(record) + "\\n"), events.flush()))
 jobs.start()
 if len(sys.argv) > 3:
     jobs.submit(Path(sys.argv[3]))
 jobs.wait_idle()
 jobs.stop()
+(home / "registry.json").write_text(json.dumps([e.to_wire() for e in registry.all()]))
 """
 
 
@@ -486,3 +510,9 @@ def test_kill_9_mid_conversion_then_restart_finishes_the_same_model(tmp_path, on
     assert manifest["fingerprint"] == plan.fingerprint and manifest["complete"] is True
     assert {f"{p}.mlpackage" for p in plan.parts} <= {p.name for p in out.iterdir()}
     assert "Traceback" not in log.read_text()
+    # the restarted daemon announced it and reported its progress
+    [entry] = json.loads((home / "registry.json").read_text())
+    assert entry["state"] == "ready" and entry["size_bytes"] > 0 and entry["options"]["context_length"] == 64
+    events = [json.loads(line) for line in (home / "events.jsonl").read_text().splitlines()]
+    stages = [e["stage"] for e in events]
+    assert "export" in stages and stages[-1] == "done" and events[-1]["state"] == "done"

@@ -259,10 +259,10 @@ def test_keep_alive_0_unloads_right_after_the_request(make):
 
 
 def test_the_reaper_unloads_a_model_once_its_keep_alive_runs_out(make):
-    residency, registry = make(keep_alive=0.3)
+    residency, registry = make(keep_alive=0.5)
     residency.acquire("a")
     [ps] = residency.ps()
-    assert ps["expires_at"] == pytest.approx(time.time() + 0.3, abs=0.1)
+    assert ps["expires_at"] == pytest.approx(time.time() + 0.5, abs=0.1)
     time.sleep(0.1)
     assert residency.is_loaded("a")
     wait_for(lambda: not residency.is_loaded("a"), timeout=2, what="expiry")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import stat
 import threading
 import time
@@ -149,8 +150,7 @@ def test_the_socket_is_owner_only_and_a_second_daemon_is_refused(start):
 def test_a_stale_socket_file_is_replaced(tmp_path):
     settings = make_settings(tmp_path, memory_budget=0)
     settings.make_dirs()
-    import socket as pysocket
-    stale = pysocket.socket(pysocket.AF_UNIX)
+    stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(settings.socket_path))
     stale.close()  # the file stays, nobody listens: a daemon that died
     registry = make_registry(tmp_path, {"pico": 1})
@@ -209,14 +209,14 @@ def test_requests_to_one_model_queue_and_the_one_past_the_limit_gets_busy(start)
     d = start(queue_limit=1)
     a, b, c = d.client(), d.client(), d.client()
     a.ask("load", model="pico")
-    ra = a.send("generate", model="pico", prompt="first", max_tokens=30)
+    ra = a.send("generate", model="pico", prompt="first", max_tokens=200)
     assert a.next(ra).event == "token"  # a is running
     rb = b.send("generate", model="pico", prompt="second", max_tokens=3)
-    time.sleep(0.05)
+    wait_for(lambda: len(d.residency._models["pico"].queue) == 1, what="b to wait in the queue")
     busy = c.ask("generate", model="pico", prompt="third")
     assert busy.event == "error" and busy["code"] == "busy" and busy.get("hint")
     rest_a, all_b = a.stream(ra), b.stream(rb)
-    assert tokens(rest_a)[-1] == "pico:first:29 " and all("first" in t for t in tokens(rest_a))
+    assert tokens(rest_a)[-1] == "pico:first:199 " and all("first" in t for t in tokens(rest_a))
     assert tokens(all_b) == [f"pico:second:{i} " for i in range(3)]
     assert d.loader.engines["pico"].max_active == 1
     assert c.ask("generate", model="pico", prompt="third", max_tokens=1).event == "done"  # room again
@@ -249,8 +249,7 @@ def test_cancelling_a_queued_request_ends_it_at_once_without_running_it(start):
     c.ask("load", model="pico")
     running = c.send("generate", model="pico", prompt="long", max_tokens=1000)
     assert c.next(running).event == "token"
-    queued = c.send("generate", model="pico", prompt="later", max_tokens=5)
-    time.sleep(0.05)
+    queued = c.send("generate", model="pico", prompt="later", max_tokens=5)  # same socket: in order
     assert c.ask("cancel", target=queued).event == "ok"
     [done] = c.stream(queued)
     assert done.event == "done" and done["done_reason"] == "cancelled" and done["completion_tokens"] == 0
@@ -271,7 +270,7 @@ def test_a_client_that_leaves_has_its_generation_cancelled(start):
 
 
 def test_generate_errors_name_the_problem_and_the_daemon_keeps_serving(start):
-    d = start(extra={"pico": {}})
+    d = start()
     d.registry.upsert("conv", state="converting")
     d.registry.upsert("bad", state="failed", error={"code": "bad_input", "stage": "plan",
                                                     "message": "shard 2 is missing", "hint": "copy it"})

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -160,14 +160,16 @@ def eos_ids(folder: Path, tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, executor: str = "auto", **executor_options: Any):
+    def __init__(self, model_dir: str | Path, executor: str = "auto",
+                 progress: Callable[[str, float], None] | None = None, **executor_options: Any):
+        """``progress(part, fraction)`` hears each part as it loads."""
         t = time.perf_counter()
         self.layout: Layout = read_meta(model_dir)
         root = self.layout.root
         tok_dir = root / str(self.layout.params.get("tokenizer_path", "."))
         self.tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else root)
         self.eos = eos_ids(root, self.tokenizer)
-        self.executor = executors.load(self.layout, executor, **executor_options)
+        self.executor = executors.load(self.layout, executor, progress=progress, **executor_options)
         self.ctx = self.layout.context_length
         self.batch = self.layout.batch_size
         rows = np.arange(self.ctx)

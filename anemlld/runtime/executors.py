@@ -23,6 +23,7 @@ from shared.errors import AnemllError
 log = logging.getLogger(__name__)
 
 INFER, PREFILL = "infer", "prefill"
+Progress = Callable[[str, float], None]  # (part file name, fraction of the parts loaded)
 
 
 class Executor:
@@ -71,7 +72,8 @@ class PortableExecutor(Executor):
 
     name = "portable"
 
-    def __init__(self, layout: Layout, device: str | None = None, warmup: bool = True, threads: int | None = None):
+    def __init__(self, layout: Layout, device: str | None = None, warmup: bool = True, threads: int | None = None,
+                 progress: Progress | None = None):
         super().__init__(layout)
         import torch
 
@@ -95,9 +97,12 @@ class PortableExecutor(Executor):
                               "the portable executor runs .mlpackage files: run this model on macOS "
                               "(executor coreml), or convert it again from the Hugging Face folder",
                               stage="load", code="model_failed")
-        self.embeddings = PortableModel(paths[0], device)
-        self.chunks = [PortableModel(p, device) for p in paths[1:-1]]
-        self.head = PortableModel(paths[-1], device)
+        models = []
+        for i, path in enumerate(paths):
+            if progress:
+                progress(path.name, i / len(paths))
+            models.append(PortableModel(path, device))
+        self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
         self._outputs = [f"logits{i + 1}" for i in range(len(self.head.output_names()))]
         if warmup:
             self.warm_up()
@@ -129,7 +134,8 @@ class CoreMLExecutor(Executor):
 
     name = "coreml"
 
-    def __init__(self, layout: Layout, compute_units: str = "CPU_AND_NE", warmup: bool = True):
+    def __init__(self, layout: Layout, compute_units: str = "CPU_AND_NE", warmup: bool = True,
+                 progress: Progress | None = None):
         super().__init__(layout)
         reason = coreml_unavailable()
         if reason:
@@ -140,9 +146,16 @@ class CoreMLExecutor(Executor):
 
         self._units = getattr(ct.ComputeUnit, compute_units)
         t = time.perf_counter()
-        self.embeddings = self._load(layout.part("embeddings"))
-        self.chunks = [{fn: self._load(p, fn) for fn in (INFER, PREFILL)} for p in layout.chunks()]
-        self.head = self._load(layout.part("lm_head"))
+        paths = [layout.part("embeddings"), *layout.chunks(), layout.part("lm_head")]
+        report = progress or (lambda part, fraction: None)
+        report(paths[0].name, 0.0)
+        self.embeddings = self._load(paths[0])
+        self.chunks = []
+        for i, p in enumerate(paths[1:-1], start=1):
+            report(p.name, i / len(paths))
+            self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
+        report(paths[-1].name, (len(paths) - 1) / len(paths))
+        self.head = self._load(paths[-1])
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
