@@ -143,8 +143,9 @@ class Settle:
     reported. A snapshot is due once it has been ready and unchanged for
     ``seconds``; then never again until it changes."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, stalled: float | None = None):
         self.seconds = seconds
+        self.stalled = stalled  # incomplete but unchanged this long: due anyway, so a job fails it clearly
         self._seen: dict[Path, _Seen] = {}
 
     def observe(self, folder: Path, snap: Snapshot, now: float) -> _Seen:
@@ -154,12 +155,18 @@ class Settle:
             seen = self._seen[folder] = _Seen(snap, now)
         return seen
 
+    def _wait(self, seen: _Seen) -> float | None:
+        if seen.reported:
+            return None
+        return self.seconds if seen.ready else self.stalled
+
     def due(self, seen: _Seen, now: float) -> bool:
-        return seen.ready and not seen.reported and now - seen.since >= self.seconds
+        wait = self._wait(seen)
+        return wait is not None and now - seen.since >= wait
 
     def next_deadline(self) -> float | None:
-        """When the earliest ready, unreported folder will have settled."""
-        times = [s.since + self.seconds for s in self._seen.values() if s.ready and not s.reported]
+        """When the earliest unreported folder will be due."""
+        times = [s.since + w for s in self._seen.values() if (w := self._wait(s)) is not None]
         return min(times, default=None)
 
     def keep_only(self, folders: set[Path]) -> None:
@@ -180,7 +187,7 @@ class DropWatcher:
         self.rescan_seconds = settings.rescan_seconds
         self.on_ready = on_ready
         self.clock = clock
-        self.settle = Settle(settings.settle_seconds)
+        self.settle = Settle(settings.settle_seconds, settings.stalled_seconds)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -229,7 +236,8 @@ class DropWatcher:
                 seen.reported = True
                 due.append((folder, reason))
         for folder, reason in due:
-            log.info("%s is ready (%s)", folder.name, reason)
+            log.info("%s is %s (%s)", folder.name, "ready" if self.settle._seen[folder].ready else
+                     "still incomplete after stalled_seconds; handing it over to fail with the reason", reason)
             try:
                 self.on_ready(folder)
             except Exception:

@@ -35,7 +35,7 @@ def slow_copy(src: Path, dest: Path, pause: float = 0.4) -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = DaemonProcess(tmp_path_factory.mktemp("home")).start()
+    d = DaemonProcess(tmp_path_factory.mktemp("home"), "stalled_seconds = 3\n").start()
     yield d
     assert d.stop() == 0, d.stderr()[-3000:]
 
@@ -69,6 +69,10 @@ def test_bad_inputs_end_in_the_failed_folder_while_the_daemon_serves(daemon, tin
     bad = drop / "badsidecar"
     shutil.copytree(tiny_models["llama"], bad)
     (bad / "anemll.toml").write_text('[convert]\nlut_ffn = 5\n')
+    missing = drop / "missingshard"
+    shutil.copytree(tiny_models["llama"], missing)
+    (missing / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     broken = daemon.home / "outside" / "broken"
     shutil.copytree(tiny_models["qwen2"], broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 100)  # corrupt weights
@@ -79,6 +83,10 @@ def test_bad_inputs_end_in_the_failed_folder_while_the_daemon_serves(daemon, tin
         error = json.loads((failed / "error.json").read_text())
         assert "lut_ffn" in error["message"] and "--retry" in error["hint"]
         assert not bad.exists()  # moved, never re-queued by itself
+
+        entry = wait_for_state(c, "missingshard", ("failed",), timeout=60)  # after stalled_seconds
+        assert "model-00002-of-00002.safetensors" in entry["error"]["message"]
+        assert (daemon.settings.failed_dir / "missingshard" / "error.json").is_file()
 
         c.request(protocol.Convert, path=str(broken), name="broken")
         entry = wait_for_state(c, "broken", ("failed",), timeout=60)

@@ -156,11 +156,15 @@ def test_changing_sizes_are_not_settled_until_stable(settings):
     assert reported == [folder]
 
 
-def test_incomplete_folder_is_never_reported_however_long_it_waits(settings):
-    w = DropWatcher(settings, lambda f: pytest.fail(f"reported {f}"))
-    make_hf(settings.drop_dir / "m", present=SHARDS[:1])
-    for t in (0.0, 10.0, 1000.0):
+def test_incomplete_folder_waits_until_stalled_seconds_then_is_handed_over_once(settings):
+    """Never while it is still being copied; once unchanged for stalled_seconds
+    (600 s by default) it goes to a job, which fails it with the reason."""
+    w = DropWatcher(settings, lambda f: None)
+    folder = make_hf(settings.drop_dir / "m", present=SHARDS[:1])
+    for t in (0.0, 10.0, 599.0):
         assert w.scan(now=t) == []
+    assert w.scan(now=600.0) == [folder]
+    assert w.scan(now=5000.0) == []
 
 
 def test_changed_again_after_reporting_is_reported_again_once_settled(settings):
