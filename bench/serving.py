@@ -1,0 +1,187 @@
+"""Serving: what the daemon's socket costs, and how fast the portable executor
+decodes, each against a baseline measured in the same run.
+
+1. Transport overhead. The same converted model, prompt and greedy settings,
+   run N times (a) by calling the engine in-process and (b) through a real
+   daemon (subprocess, temp home) over its ipc socket with the wire protocol.
+   Reported: time to first token and decode tokens/s, medians, and the
+   daemon/in-process ratios. Targets: under 2 ms added to time to first token,
+   under 5% lost on tokens/s.
+2. The portable executor's decode tokens/s against transformers' own
+   ``generate`` (fp32, greedy, KV cache) on the same model.
+
+    .venv/bin/python bench/serving.py [--model DIR] [--runs N] [--max-tokens N]
+
+The model defaults to the demo model (examples/pico-llama), converted first
+with LUT 4 FFN / LUT 6 head. Both sides use one torch thread, as the portable
+executor does by default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, print_header, table
+
+PROMPT = "The shell reads a line of input, splits it into words, and looks up the first word as"
+
+
+def in_process(model_dir: Path, runs: int, max_tokens: int) -> tuple[list[float], list[float], list[int]]:
+    from anemlld.runtime.engine import Done, Engine, Token
+    from anemlld.runtime.sampling import SamplingParams
+
+    engine = Engine(model_dir, executor="portable")
+    ttft, rate, counts = [], [], []
+    for _ in range(runs + 1):  # the first run warms caches and is dropped
+        t0 = time.perf_counter()
+        first = None
+        for ev in engine.generate(prompt=PROMPT, params=SamplingParams(max_tokens=max_tokens)):
+            if isinstance(ev, Token) and first is None:
+                first = time.perf_counter()
+            if isinstance(ev, Done):
+                end = time.perf_counter()
+                n = ev.stats.completion_tokens
+        ttft.append((first - t0) * 1000)
+        rate.append((n - 1) / (end - first))
+        counts.append(n)
+    return ttft[1:], rate[1:], counts[1:]
+
+
+def through_daemon(model_dir: Path, runs: int, max_tokens: int, home: Path):
+    import shutil
+
+    import zmq
+
+    from shared import protocol
+    from shared.settings import Settings
+
+    home.mkdir(parents=True)
+    (home / "settings.toml").write_text("settle_seconds = 0.2\nrescan_seconds = 0.2\n")
+    settings = Settings.load(home=home)
+    settings.make_dirs()
+    shutil.copytree(model_dir, settings.drop_dir / "bench")  # converted already: served as it is
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(home / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "anemlld", "--home", str(home)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    ids = iter(range(1, 10**9))
+
+    def call(op, **fields):
+        rid = f"b{next(ids)}"
+        t0 = time.perf_counter()
+        sock.send(protocol.encode_request(op(id=rid, **fields)))
+        events = []
+        while True:
+            if not sock.poll(300_000):
+                raise TimeoutError(f"no answer; daemon log: {(home / 'daemon.log').read_text()[-2000:]}")
+            ev = protocol.decode_event(sock.recv())
+            events.append((time.perf_counter() - t0, ev))
+            if ev.final and ev.id == rid:
+                return events
+
+    try:
+        deadline = time.monotonic() + 60
+        while not settings.socket_path.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError((home / "daemon.log").read_text()[-2000:])
+            time.sleep(0.1)
+        sock.connect(settings.endpoint)
+        while True:
+            models = {m["name"]: m for m in call(protocol.Models)[-1][1].data["models"]}
+            if models.get("bench", {}).get("state") in ("ready", "loaded"):
+                break
+            time.sleep(0.2)
+        call(protocol.Load, model="bench", keep_alive="30m")
+        ttft, rate, counts = [], [], []
+        for _ in range(runs + 1):
+            events = call(protocol.Generate, model="bench", prompt=PROMPT, max_tokens=max_tokens, temperature=0.0)
+            tokens = [(t, e) for t, e in events if e.event == "token"]
+            done = events[-1][1]
+            if done.event != "done":
+                raise RuntimeError(f"daemon answered {done.event}: {done.data}")
+            first, last = tokens[0][0], events[-1][0]
+            n = done.data["completion_tokens"]
+            ttft.append(first * 1000)
+            rate.append((n - 1) / (last - first))
+            counts.append(n)
+        return ttft[1:], rate[1:], counts[1:]
+    finally:
+        sock.close()
+        proc.terminate()
+        proc.wait(20)
+
+
+def hf_generate(hf_dir: Path, model_dir: Path, runs: int, max_tokens: int) -> tuple[list[float], list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    rates, counts = [], []
+    for _ in range(runs + 1):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+            # time to first token: one prefill forward, measured separately
+            t1 = time.perf_counter()
+            model(ids)
+            t2 = time.perf_counter()
+        n = out.shape[1] - ids.shape[1]
+        rates.append((n - 1) / max((t1 - t0) - (t2 - t1), 1e-9))
+        counts.append(n)
+    return rates[1:], counts[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a converted model folder (default: convert the demo model)")
+    ap.add_argument("--source", type=Path, default=REPO / "examples" / "pico-llama",
+                    help="the Hugging Face folder (for the transformers baseline)")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ns = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    print_header("serving: daemon socket vs in-process, portable executor vs transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = ns.model
+        if model is None:
+            from anemlld.convert.pipeline import convert
+            from shared.options import ConvertOptions
+
+            model = Path(tmp) / "pico-ane"
+            convert(ns.source, model, ConvertOptions(lut_ffn=4, lut_lm_head=6))
+        a_ttft, a_rate, a_n = in_process(model, ns.runs, ns.max_tokens)
+        b_ttft, b_rate, b_n = through_daemon(model, ns.runs, ns.max_tokens, Path(tmp) / "home")
+        h_rate, h_n = hf_generate(ns.source, model, ns.runs, ns.max_tokens)
+
+    med = statistics.median
+    print(f"{ns.runs} runs each (after one warm-up), prompt of {len(PROMPT.split())} words, greedy, "
+          f"up to {ns.max_tokens} tokens (generated: in-process {med(a_n)}, daemon {med(b_n)}, "
+          f"transformers {med(h_n)})\n")
+    rows = [
+        ["in-process engine (baseline)", f"{med(a_ttft):.2f}", f"{med(a_rate):.1f}", "", ""],
+        ["through the daemon socket", f"{med(b_ttft):.2f}", f"{med(b_rate):.1f}",
+         f"{med(b_ttft) - med(a_ttft):+.2f}", f"{(med(b_rate) / med(a_rate) - 1) * 100:+.1f}%"],
+    ]
+    print(table(rows, ["path", "TTFT ms", "decode tok/s", "TTFT added ms", "tok/s change"]))
+    print(f"\ntargets: TTFT added < 2 ms: {'met' if med(b_ttft) - med(a_ttft) < 2 else 'MISSED'}; "
+          f"tok/s loss < 5%: {'met' if med(b_rate) >= 0.95 * med(a_rate) else 'MISSED'}\n")
+    rows = [["transformers generate, fp32 (baseline)", f"{med(h_rate):.1f}", "1.00x"],
+            ["portable executor, converted LUT4/6, fp16", f"{med(a_rate):.1f}", f"{med(a_rate) / med(h_rate):.2f}x"]]
+    print(table(rows, ["decoder", "decode tok/s", "ratio"]))
+
+
+if __name__ == "__main__":
+    main()
