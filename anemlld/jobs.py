@@ -177,7 +177,7 @@ def input_files(folder: Path) -> list[tuple[str, int, int]]:
                 st = os.stat(path)
             except OSError:
                 continue
-            out.append((rel, st.st_size, st.st_mtime_ns))
+            out.append((rel, st.st_size, 0 if layout.rewritten_on_load(rel) else st.st_mtime_ns))
     return sorted(out)
 
 

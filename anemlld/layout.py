@@ -15,6 +15,14 @@ META_FILE = "meta.yaml"
 MANIFEST_FILE = "anemlld.json"  # marks a folder as ours; holds fingerprint and options
 
 
+def rewritten_on_load(relative_path: str) -> bool:
+    """Files that loading a model rewrites (coremltools rewrites each package's
+    Manifest.json, same bytes, new mtime): their mtime says nothing about the
+    model, so change detection looks at their size only."""
+    parts = relative_path.replace("\\", "/").split("/")
+    return len(parts) >= 2 and parts[-1] == "Manifest.json" and parts[-2].endswith(".mlpackage")
+
+
 def _lut_suffix(bits: int | None) -> str:
     return f"_lut{bits}" if bits else ""
 

@@ -60,7 +60,8 @@ def snapshot(folder: Path) -> Snapshot:
                 st = os.stat(path)
             except OSError:  # removed between listing and stat, or a dangling link
                 continue
-            entries.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
+            rel = os.path.relpath(path, folder)
+            entries.append((rel, st.st_size, 0 if layout.rewritten_on_load(rel) else st.st_mtime_ns))
     beside = beside_sidecar(folder)
     try:
         st = beside.stat()

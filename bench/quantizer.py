@@ -194,6 +194,12 @@ def palettize_check(weight16: torch.Tensor, bits: int, group_size: int, out_rows
         cfg = OptimizationConfig(global_config=OpPalettizerConfig(
             mode="kmeans", nbits=bits, granularity="per_grouped_channel", group_size=group_size,
             num_kmeans_workers=workers))
+        # coremltools 8.3 closes its class-level worker pool when a pass object is
+        # deleted but keeps the closed pool for the next call ("Pool not running")
+        from coremltools.optimize.coreml import _quantization_passes as qp
+        if qp.palettize_weights._compress_pool is not None:
+            qp.palettize_weights._compress_pool.terminate()
+            qp.palettize_weights._compress_pool = None
         t = time.perf_counter()
         pal = palettize_weights(model, cfg)
         dt = time.perf_counter() - t

@@ -301,3 +301,19 @@ def test_stop_returns_promptly(settings):
     t = time.monotonic()
     w.stop(timeout=2.0)
     assert time.monotonic() - t < 1.0
+
+
+def test_loading_a_converted_model_does_not_count_as_a_new_copy(settings):
+    """coremltools rewrites each package's Manifest.json (same bytes) whenever
+    it opens one; a served folder must not be reported (and registered) again."""
+    from anemlld.watcher import snapshot
+
+    folder = settings.drop_dir / "m"
+    manifest = folder / "x_embeddings.mlpackage" / "Manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    before = snapshot(folder)
+    os.utime(manifest, ns=(10**18, 10**18))
+    assert snapshot(folder) == before
+    (folder / "x_embeddings.mlpackage" / "other.bin").write_bytes(b"1")
+    assert snapshot(folder) != before
