@@ -6,13 +6,11 @@ import json
 import pytest
 import torch
 
-from anemlld.convert.models import ARCHITECTURES, build
-from anemlld.convert.models.base import ModelArgs, causal_mask, rope_inv_freq, rope_scaling, rope_theta
-from anemlld.convert.pipeline import split_layers
+from anemlld.convert.models.base import ModelArgs, rope_inv_freq, rope_scaling, rope_theta
 from anemlld.convert.source import HFSource
 from tests.conftest import ARCHS
 
-from tests.ane_reference import CTX, chained, run
+from tests.ane_reference import chained, run
 
 
 @pytest.fixture(scope="module")
