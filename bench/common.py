@@ -45,9 +45,10 @@ def load_average() -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "anemlld/convert", "shared/options.py"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                             text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "anemlld/convert",
+                                "shared/options.py"], capture_output=True, text=True, timeout=10,
+                               check=False).stdout.strip()
         return out.stdout.strip() + (" (anemlld/convert or shared/options.py modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"

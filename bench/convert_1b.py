@@ -51,7 +51,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, load_average, meminfo_gb, print_header, quiet_coremltools, table  # noqa: E402
+from common import (
+    REPO,
+    load_average,
+    meminfo_gb,
+    print_header,
+    quiet_coremltools,
+    table,
+)
 
 GB = 1024 ** 3
 MB = 1024 ** 2
@@ -161,7 +168,9 @@ def baseline(folder: Path, bits_ffn: int | None, bits_head: int | None, group_si
     from safetensors import safe_open
 
     quiet_coremltools()
-    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+    from coremltools.models.neural_network.quantization_utils import (
+        _get_kmeans_lookup_table_and_weight,
+    )
 
     cfg = json.loads((folder / "config.json").read_text())
     rng = np.random.default_rng(seed)
@@ -218,15 +227,16 @@ def math_gcd(a: int, b: int) -> int:
 
 def child(src: str, out: str, options_json: str, events: str) -> int:
     """Runs in the measured process: convert, logging each event with its time."""
+    with open(events, "a", buffering=1) as log:
+        return _convert_logged(src, out, options_json, log)
+
+
+def _convert_logged(src: str, out: str, options_json: str, log) -> int:
     import resource as res
 
-    log = open(events, "a", buffering=1)
-
-    def rss_mb() -> float:
-        return _status_kb(os.getpid(), "VmRSS") / 1024
-
     def emit(kind: str, **kw) -> None:
-        log.write(json.dumps({"t": time.time(), "kind": kind, "rss_mb": rss_mb(), **kw}) + "\n")
+        rss_mb = _status_kb(os.getpid(), "VmRSS") / 1024
+        log.write(json.dumps({"t": time.time(), "kind": kind, "rss_mb": rss_mb, **kw}) + "\n")
 
     emit("start")
     from anemlld.convert import export, pipeline
@@ -530,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{_status_kb(os.getpid(), 'VmRSS') / 1024 / 1024:.2f} GB (the parent is not the measured process)")
 
     from shared.options import ConvertOptions
-    options = dict(context_length=a.context_length, batch_size=a.batch_size, chunks=a.chunks,
-                   lut_ffn=a.lut_ffn, lut_lm_head=a.lut_lm_head, lut_embeddings=a.lut_embeddings)
+    options = {"context_length": a.context_length, "batch_size": a.batch_size, "chunks": a.chunks,
+               "lut_ffn": a.lut_ffn, "lut_lm_head": a.lut_lm_head, "lut_embeddings": a.lut_embeddings}
     opts = ConvertOptions(**options)
     print(f"options: {opts.to_mapping()}")
     print()
