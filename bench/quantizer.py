@@ -33,6 +33,8 @@ Run: .venv/bin/python bench/quantizer.py [--bits 4,6] [--group-size 8]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import time
@@ -192,7 +194,8 @@ def palettize_check(weight16: torch.Tensor, bits: int, group_size: int, out_rows
     conv = torch.nn.Conv2d(w.shape[1], out_rows, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(w.float()[:, :, None, None])
-    with warnings.catch_warnings():
+    # coremltools' progress bars (stderr) would bury the numbers
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(conv.eval(), torch.zeros(1, w.shape[1], 1, 1))
         model = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, w.shape[1], 1, 1))],
