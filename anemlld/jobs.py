@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from anemlld import layout
+from anemlld.listeners import Listeners
 from anemlld.registry import Registry
 from shared.errors import AnemllError, BadInput
 from shared.options import ConvertOptions
@@ -228,7 +229,7 @@ class Jobs:
         self.registry = registry
         self.on_progress = on_progress
         self._convert = convert
-        self._listeners: list[ProgressListener] = []
+        self._listeners: Listeners[ProgressListener] = Listeners()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[int] = collections.deque()
@@ -370,14 +371,7 @@ class Jobs:
 
     def subscribe(self, listener: ProgressListener) -> Callable[[], None]:
         """Add a progress listener; returns the function that removes it."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def list(self) -> list[dict[str, Any]]:
         """Every job, in queue order, shaped as the ``jobs`` op sends them."""
@@ -736,7 +730,8 @@ class Jobs:
 
     def _emit(self, job: Job, message: str = "") -> None:
         with self._lock:
-            listeners = [self.on_progress, *self._listeners] if self.on_progress else list(self._listeners)
+            listeners = [self.on_progress, *self._listeners.snapshot()] if self.on_progress \
+                else self._listeners.snapshot()
         record = {**job.to_wire(), "message": message}
         for listener in listeners:
             try:

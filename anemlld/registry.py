@@ -8,6 +8,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from anemlld.listeners import Listeners
+
 # queued -> converting -> ready <-> loaded, or -> failed (see shared.protocol.MODEL_STATES)
 STATES = ("queued", "converting", "ready", "failed", "loaded")
 
@@ -37,7 +39,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._models: dict[str, ModelEntry] = {}
-        self._listeners: list[Listener] = []
+        self._listeners: Listeners[Listener] = Listeners()
 
     def get(self, name: str) -> ModelEntry | None:
         with self._lock:
@@ -55,8 +57,7 @@ class Registry:
             old = self._models.get(name)
             entry = dataclasses.replace(old, **changes) if old else ModelEntry(name=name, **changes)
             self._models[name] = entry
-            listeners = list(self._listeners)
-        for listener in listeners:
+        for listener in self._listeners.snapshot():
             listener(entry)
         return entry
 
@@ -66,11 +67,4 @@ class Registry:
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns the function that removes it."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return unsubscribe
+        return self._listeners.add(listener)

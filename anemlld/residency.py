@@ -34,6 +34,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from anemlld.listeners import Listeners
 from anemlld.registry import ModelEntry, Registry
 from shared.errors import AnemllError
 from shared.settings import Settings, format_duration
@@ -171,7 +172,7 @@ class Residency:
         self._changed = threading.Condition(self._lock)  # wakes the reaper
         self._models: dict[str, ResidentModel] = {}
         self._pin_override: dict[str, bool] = {}  # the `pin` op and `unload`, until restart
-        self._progress_listeners: list[Callable[[str, str, float], None]] = []
+        self._progress_listeners: Listeners[Callable[[str, str, float], None]] = Listeners()
         self._stopped = False
         self._unsubscribe = registry.subscribe(self._on_registry_change)
         self._reaper = threading.Thread(target=self._reap, name="residency-reaper", daemon=True)
@@ -279,14 +280,7 @@ class Residency:
 
     def listen(self, listener: Callable[[str, str, float], None]) -> Callable[[], None]:
         """Hear every load's progress as (model, part, fraction); returns the unsubscribe."""
-        with self._lock:
-            self._progress_listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._progress_listeners:
-                    self._progress_listeners.remove(listener)
-        return unsubscribe
+        return self._progress_listeners.add(listener)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Unload everything. Running requests are left to finish (the server
@@ -488,7 +482,7 @@ class Residency:
                   listeners: list[ProgressFn] | None = None) -> None:
         with self._lock:
             mine = list(model.progress_listeners if listeners is None else listeners)
-            everyone = list(self._progress_listeners)
+            everyone = self._progress_listeners.snapshot()
         for listener in mine:
             try:
                 listener(part, fraction)
