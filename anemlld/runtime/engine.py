@@ -206,6 +206,7 @@ class Engine:
         one (None if cancelled). Full batches go through ``prefill`` while
         they fit, the rest one at a time through ``infer``."""
         ex, b = self.executor, self.batch
+        ex.bind_thread()
         pos, i, hidden = len(session.tokens), 0, None
         if pos + len(ids) > self.ctx:
             raise AnemllError(f"{pos + len(ids)} tokens do not fit the context of {self.ctx}",

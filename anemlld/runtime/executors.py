@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +51,9 @@ class Executor:
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def bind_thread(self) -> None:
+        """Called by the engine on the thread about to run the model."""
+
     def warm_up(self) -> None:
         """One throwaway step on a scratch state: first predictions after a
         load are slow (portable: lazy kernel setup, ~2.5 s measured on pico)
@@ -84,9 +88,11 @@ class PortableExecutor(Executor):
         # run) makes every op wait for a descheduled thread: pico-llama decoded
         # at 2.1 tok/s with 2 threads against 62 tok/s with 1, both under load
         # (190 vs 196 tok/s idle). One thread unless asked otherwise.
-        threads = threads or int(os.environ.get("ANEMLL_PORTABLE_THREADS", "1"))
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        # torch's thread count is per calling thread (OpenMP), so it is set on
+        # every thread that runs the model, not only on the one that loads it.
+        self.threads = threads or int(os.environ.get("ANEMLL_PORTABLE_THREADS", "1"))
+        self._bound: set[int] = set()
+        self.bind_thread()
 
         t = time.perf_counter()
         paths = [layout.part("embeddings", ".mlpackage"), *layout.chunks(".mlpackage"),
@@ -107,6 +113,14 @@ class PortableExecutor(Executor):
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
+
+    def bind_thread(self) -> None:
+        import torch
+
+        me = threading.get_ident()
+        if me not in self._bound:
+            torch.set_num_threads(self.threads)
+            self._bound.add(me)
 
     def make_state(self):
         return self.chunks[0].make_state()
