@@ -316,6 +316,7 @@ def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, hea
     lm = build(p.architecture, p.args, layers=range(0), embeddings=not head, lm_head=head,
                lm_head_split=p.lm_head_split, context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
+    p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     if head:
         bits, kind, fn, what = p.options.lut_lm_head, nn.Conv2d, export.export_head, \
             f"LM head in {p.lm_head_split} parts"
@@ -339,6 +340,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     lm = build(p.architecture, p.args, layers=layers, embeddings=False, lm_head=False,
                context_length=p.options.context_length)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
+    p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     bits = p.options.lut_ffn
     # Quantized once; both functions encode the same values, so their tables
     # and indices are byte-identical and the combined package stores them once.
