@@ -193,15 +193,6 @@ def input_fingerprint(folder: Path, *parts: str) -> str:
     return h.hexdigest()
 
 
-def folder_size(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _keep_alive_json(seconds: float | None) -> float | None:
@@ -501,7 +492,7 @@ class Jobs:
         folder = Path(job.origin)
         options = job.public_options or self._manifest_options(folder)
         self.registry.upsert(job.name, state="ready", source=job.origin, path=job.output, options=options,
-                             size_bytes=folder_size(folder), error=None, pin=job.pin, keep_alive=job.keep_alive)
+                             size_bytes=layout.folder_size(folder), error=None, pin=job.pin, keep_alive=job.keep_alive)
         log.info("registered the converted model %s in %s (job %d)", job.name, folder, job.id)
 
     @staticmethod
@@ -567,7 +558,7 @@ class Jobs:
                 log.exception("converting %s failed unexpectedly", job.name)
             self._fail(job, e, progress.stage)
             return
-        size = folder_size(out)
+        size = layout.folder_size(out)
         job = self._update(job.id, state="done", stage="done", part="", fraction=1.0, output=str(out))
         self.registry.upsert(job.name, state="ready", source=job.origin, path=str(out), options=job.public_options,
                              size_bytes=size, error=None, pin=job.pin, keep_alive=job.keep_alive)
@@ -723,7 +714,7 @@ class Jobs:
             elif job.output and (Path(job.output) / layout.META_FILE).is_file():
                 self.registry.upsert(job.name, state="ready", source=job.origin, path=job.output,
                                      options=job.public_options or self._manifest_options(Path(job.output)),
-                                     size_bytes=folder_size(Path(job.output)), pin=job.pin, keep_alive=job.keep_alive)
+                                     size_bytes=layout.folder_size(Path(job.output)), pin=job.pin, keep_alive=job.keep_alive)
             else:
                 log.warning("%s was converted to %s, which is gone; drop its folder again to convert it",
                             job.name, job.output)

@@ -3,6 +3,7 @@ Apple-side runtimes of the ANEMLL ecosystem expect them. The converter writes
 this layout; the runtime reads it (ours or one ANEMLL made)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,20 @@ from shared.errors import BadInput
 
 META_FILE = "meta.yaml"
 MANIFEST_FILE = "anemlld.json"  # marks a folder as ours; holds fingerprint and options
+
+
+def folder_size(path: str | Path | None) -> int:
+    """Bytes of the files under ``path`` (0 if there is none)."""
+    total = 0
+    if path is None:
+        return 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def rewritten_on_load(relative_path: str) -> bool:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from anemlld import layout
 from anemlld.listeners import Listeners
 from anemlld.registry import ModelEntry, Registry
 from shared.errors import AnemllError
@@ -54,18 +54,6 @@ def default_loader(entry: ModelEntry, progress: Any = None) -> Any:
     return Engine(entry.path, progress=progress)
 
 
-def folder_size(path: str | os.PathLike | None) -> int:
-    """Bytes of the files under ``path`` (0 if there is none)."""
-    total = 0
-    if path is None:
-        return 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 @dataclass
@@ -372,7 +360,7 @@ class Residency:
             model = self._models.get(entry.name)
             if model is not None:
                 return model.size_bytes
-        return folder_size(entry.path)
+        return layout.folder_size(entry.path)
 
     def _unload_all(self, models: list[ResidentModel], why: str = "evicted for memory") -> None:
         for model in models:

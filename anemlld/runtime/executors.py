@@ -79,7 +79,6 @@ class PortableExecutor(Executor):
     def __init__(self, layout: Layout, device: str | None = None, warmup: bool = True, threads: int | None = None,
                  progress: Progress | None = None):
         super().__init__(layout)
-        import torch
 
         from anemlld.runtime.portable import PortableModel
 
