@@ -71,3 +71,74 @@ def test_exact_encoding_round_trips_and_refuses_too_many_values():
 
     with pytest.raises(AnemllError, match="distinct values"):
         lut.encode_exact(w.numpy()[:, :, None, None], 4, 16)  # unquantized: thousands of values per group
+
+
+def test_sort_rows_orders_fp16_bit_patterns_like_the_values():
+    """The radix sort's keys must order negatives, zeros, subnormals and
+    large values as the floats compare; the permutation must sort the row."""
+    special = [-65504.0, -1.5, -6e-8, -0.0, 0.0, 6e-8, 1e-5, 0.33, 2.0, 65504.0]
+    rows = torch.tensor([special, special[::-1]], dtype=torch.float32)
+    rows = torch.cat([rows, torch.randn(3, len(special))])
+    xs, order = lut.sort_rows(rows)
+    expect = rows.half().float().sort(dim=1).values
+    assert torch.equal(xs, expect)
+    assert torch.equal(rows.half().float().gather(1, order), xs)
+    assert torch.equal(lut.unsort(order, xs), rows.half().float())
+
+
+def test_runs_count_distinct_values_with_their_multiplicity():
+    xs = torch.tensor([[1.0, 1.0, 1.0, 2.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    runs = lut.Runs(xs)
+    assert runs.n == 6 and torch.equal(runs.xs[0, :3], torch.tensor([1.0, 2.0, 5.0]))
+    a, b = torch.tensor([[0], [0]]), torch.tensor([[2], [2]])
+    assert runs.count(a, b).tolist() == [[4.0], [2.0]]
+    assert runs.sum(a, b).tolist() == [[5.0], [1.0]]
+    # padding (the row's largest value, counted zero times) adds nothing
+    assert runs.count(torch.tensor([[3], [6]]), torch.tensor([[6], [6]])).tolist() == [[0.0], [0.0]]
+    assert runs.sse(a, b)[0].item() == pytest.approx(3 + 4 - 25 / 4)
+
+
+def exact_kmeans_sse(values: np.ndarray, k: int) -> float:
+    """Optimal 1-D k-means squared error by dynamic programming over the
+    sorted values (O(k n^2), for small n)."""
+    x = np.sort(values.astype(np.float64))
+    n = len(x)
+    s1 = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    i, j = np.triu_indices(n + 1, 1)  # run x[i:j]
+    cost = np.full((n + 1, n + 1), np.inf)
+    cost[i, j] = (s2[j] - s2[i]) - (s1[j] - s1[i]) ** 2 / (j - i)
+    best = cost[0].copy()  # one cluster covering x[:j]
+    for _ in range(k - 1):
+        best = np.min(best[:, None] + cost, axis=0)
+    return float(best[n])
+
+
+@pytest.mark.parametrize("bits,rounding,within", [(4, torch.float16, 1.01), (4, torch.bfloat16, 1.01),
+                                                   (6, torch.float16, 1.03), (6, torch.bfloat16, 1.03)])
+def test_kmeans_is_close_to_the_exact_optimum(bits, rounding, within):
+    """Against an exact DP on groups of 2,000 values with outliers (as trained
+    weights have; bf16-rounded ones repeat values), summed over the groups.
+    Measured: 0.5-0.7% above the optimum at 4 bits, 1.7-2.0% at 6 bits (on
+    1B-shaped groups of 16,384 values: 0.3% and 1.3-1.6%)."""
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(3, 2000, generator=gen) * (torch.rand(3, 1, generator=gen) + 0.5) * 0.05).to(rounding).float()
+    w[:, :3] *= 6
+    q = lut.quantize_weight(w, bits, 1)
+    ours = ((q.dense.double() - w.half().double()) ** 2).sum().item()
+    optimum = sum(exact_kmeans_sse(row.half().double().numpy(), 1 << bits) for row in w)
+    assert optimum <= ours <= optimum * within, (ours / optimum)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_groups_with_fewer_distinct_values_than_the_table_are_kept_exactly(bits):
+    w = torch.zeros(4, 500)
+    w[1] = torch.tensor([0.5, -0.25, 0.125]).repeat(167)[:500]  # three values
+    w[2, ::7] = 1.0  # two values, one rare
+    w[3] = torch.arange(500) % 20 / 64  # 20 values, fewer than 64
+    q = lut.quantize_weight(w, bits, 1)
+    if bits == 6:
+        assert torch.equal(q.dense.float(), w)
+    else:
+        assert torch.equal(q.dense.float()[:3], w[:3])
+    assert torch.equal(q.lut.gather(1, q.indices.long()), q.dense)
