@@ -103,6 +103,7 @@ def test_chunks_carry_infer_and_prefill_over_one_kv_state(arch, converted):
         assert meta["com.anemll.batch_size"] == str(BATCH)
         assert meta["com.anemll.lut_bits"] == "4"
         assert meta["com.anemll.functions"] == "infer,prefill"
+        assert desc.metadata.author.startswith("anemlld ") and desc.metadata.versionString
 
 
 @pytest.mark.parametrize("arch", ARCHS)

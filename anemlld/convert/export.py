@@ -107,8 +107,11 @@ def _convert(traced, inputs, outputs, states=None, lut: Lut | None = None):
             return ct.convert(traced, convert_to="mlprogram", skip_model_load=True, **kw)
         prog = ct.convert(traced, convert_to="milinternal", **kw)
         encoded = encode_program(prog, lut.bits, lut.group_size, lut.op_type)
+        # The program went through the whole pass pipeline already; running it
+        # again would only re-hash every weight (const_deduplication) and
+        # re-check it for fp16 overflow.
         model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                           compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+                           pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
     dense = dense_weights(model, lut.op_type)
     if dense or not encoded:
         raise AnemllError(f"LUT {lut.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
@@ -190,11 +193,24 @@ def dense_weights(mlmodel, op_type: str) -> list[str]:
 # --- metadata, combine, compile -------------------------------------------
 
 def set_metadata(mlmodel, meta: dict[str, str], description: str) -> None:
-    mlmodel.author = f"anemlld {__version__}"
-    mlmodel.version = __version__
-    mlmodel.short_description = description
+    set_spec_metadata(mlmodel._spec, meta, description)
+
+
+def set_spec_metadata(spec, meta: dict[str, str], description: str) -> None:
+    spec.description.metadata.author = f"anemlld {__version__}"
+    spec.description.metadata.versionString = __version__
+    spec.description.metadata.shortDescription = description
     for k, v in meta.items():
-        mlmodel.user_defined_metadata[k] = str(v)
+        spec.description.metadata.userDefined[k] = str(v)
+
+
+def package_spec_path(pkg: Path) -> Path:
+    """The protobuf spec file of an .mlpackage, found through its Manifest."""
+    import json
+
+    manifest = json.loads((pkg / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    return pkg / "Data" / root["path"]
 
 
 def combine(infer_pkg: Path, prefill_pkg: Path, out: Path, meta: dict[str, str], description: str) -> None:
@@ -210,11 +226,14 @@ def combine(infer_pkg: Path, prefill_pkg: Path, out: Path, meta: dict[str, str],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ct.utils.save_multifunction(desc, str(tmp))
-        # save_multifunction builds a fresh spec: put the metadata back.
-        model = ct.models.MLModel(str(tmp), skip_model_load=True)
-        set_metadata(model, meta, description)
-        model.save(str(out))
-    shutil.rmtree(tmp, ignore_errors=True)
+    # save_multifunction builds a fresh spec: put the metadata back into its
+    # protobuf in place (loading and saving the model would copy the weights).
+    spec_path = package_spec_path(tmp)
+    spec = ct.utils.load_spec(str(tmp))
+    set_spec_metadata(spec, meta, description)
+    spec_path.write_bytes(spec.SerializeToString())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
 
 
 def compiler() -> str | None:
