@@ -67,10 +67,10 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, registry: Registry, loader, jobs=None):
+    def __init__(self, settings: Settings, registry: Registry, loader, jobs=None, stream_interval: float = 0.0):
         self.settings, self.registry, self.loader = settings, registry, loader
         self.residency = Residency(settings, registry, loader)
-        self.server = Server(settings, registry, self.residency, jobs)
+        self.server = Server(settings, registry, self.residency, jobs, stream_interval=stream_interval)
         self.server.bind()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -96,11 +96,11 @@ class Daemon:
 def start(tmp_path):
     daemons: list[Daemon] = []
 
-    def build(sizes=None, loader=None, jobs=None, extra=None, **changes) -> Daemon:
+    def build(sizes=None, loader=None, jobs=None, extra=None, stream_interval=0.0, **changes) -> Daemon:
         changes.setdefault("memory_budget", 0)
         settings = make_settings(tmp_path, **changes)
         registry = make_registry(tmp_path, sizes or {"pico": 10, "nano": 20}, **(extra or {}))
-        daemon = Daemon(settings, registry, loader or FakeLoader(), jobs)
+        daemon = Daemon(settings, registry, loader or FakeLoader(), jobs, stream_interval)
         daemons.append(daemon)
         return daemon
 
@@ -241,6 +241,51 @@ def test_cancel_stops_a_running_stream_between_tokens(start):
     running = c.send("generate", model="pico", prompt="long", max_tokens=30)
     assert other.ask("cancel", target=running)["code"] == "not_found"
     assert c.stream(running)[-1]["done_reason"] == "length"
+
+
+def test_with_a_stream_interval_the_first_token_goes_alone_and_later_ones_together(start):
+    d = start(stream_interval=0.05, loader=FakeLoader(token_delay=0.005))
+    c = d.client()
+    c.ask("load", model="pico")
+    events = c.stream(c.send("generate", model="pico", prompt="fast", max_tokens=30))
+    sent = [e for e in events if e.event == "token"]
+    assert sent[0]["token_ids"] == [0] and sent[0]["text"] == "pico:fast:0 "
+    assert 2 <= len(sent) <= 15  # about 10 tokens per 50 ms; fewer events only if the machine is slow
+    assert [i for e in sent for i in e["token_ids"]] == list(range(30))
+    assert "".join(e["text"] for e in sent) == "".join(f"pico:fast:{i} " for i in range(30))
+    assert events[-1].event == "done" and events[-1]["completion_tokens"] == 30
+
+    running = c.send("generate", model="pico", prompt="long", max_tokens=1000)
+    assert c.next(running)["token_ids"] == [0]
+    assert c.ask("cancel", target=running).event == "ok"
+    rest = c.stream(running)  # what was held back still comes, before the done
+    assert rest[-1]["done_reason"] == "cancelled"
+    ids = [0] + [i for e in rest[:-1] for i in e["token_ids"]]
+    assert ids == list(range(rest[-1]["completion_tokens"]))
+
+
+def test_tokens_slower_than_the_stream_interval_go_one_per_event(start):
+    d = start(stream_interval=0.005, loader=FakeLoader(token_delay=0.03))
+    c = d.client()
+    events = c.stream(c.send("generate", model="pico", prompt="slow", max_tokens=4))
+    assert [e["token_ids"] for e in events if e.event == "token"] == [[0], [1], [2], [3]]
+
+
+def test_the_stream_interval_comes_from_the_environment_in_milliseconds(start, monkeypatch):
+    d = start()
+
+    def interval() -> float:
+        server = Server(d.settings, d.registry, d.residency)
+        server.close()
+        return server.stream_interval
+
+    monkeypatch.setenv("ANEMLL_STREAM_INTERVAL_MS", "20")
+    assert interval() == 0.02
+    monkeypatch.delenv("ANEMLL_STREAM_INTERVAL_MS")
+    assert interval() == 0.0
+    monkeypatch.setenv("ANEMLL_STREAM_INTERVAL_MS", "soon")
+    with pytest.raises(AnemllError, match="ANEMLL_STREAM_INTERVAL_MS='soon' is not a number"):
+        interval()
 
 
 def test_cancelling_a_queued_request_ends_it_at_once_without_running_it(start):

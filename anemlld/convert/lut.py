@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +41,10 @@ from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
 
-# Groups are processed in slabs of about this many values, bounding the
-# temporary memory of sorting (values, indices, prefix sums) to ~200 MB.
+# Groups are processed in slabs of at most this many values, two at a time:
+# the temporaries (sort order, prefix sums) take about 60 bytes per value.
 SLAB_VALUES = 8_000_000
+QUANTIZE_THREADS = int(os.environ.get("ANEMLL_QUANTIZE_THREADS", "2"))
 LLOYD_ITERATIONS = 20
 REFINE_SWEEPS = 10
 REFINE_WINDOW = 8
@@ -307,27 +311,49 @@ class Quantized:
     dense: torch.Tensor    # weight-shaped fp16: lut[indices]
 
 
+def quantize_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lut (G, k) fp16, indices (G, N) uint8, dense (G, N) fp16) for the
+    rows of ``groups``."""
+    xs, order = sort_rows(groups)
+    runs = Runs(xs)
+    lut = kmeans_sorted(runs, k).half()
+    lut = lut.sort(dim=1).values  # fp16 rounding may reorder near-equal centroids
+    # nearest entry of the fp16 table: contiguous runs of the sorted row
+    indices = unsort(order, run_ids(runs.positions(runs.cuts(lut)), xs.shape[1]))
+    return lut, indices, lut.gather(1, indices.long())
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def workers() -> ThreadPoolExecutor:
+    """Threads that quantize slabs side by side, each running torch with one
+    thread. k-means issues thousands of small ops; spread over torch's own
+    threads they stall as soon as another process wants a core (a 1B MLP
+    weight: 9 s per 100 M weights on one thread, 30-90 s on two under load,
+    measured), and half the work is numpy, which uses one core anyway."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, min(QUANTIZE_THREADS, os.cpu_count() or 1)),
+                                       thread_name_prefix="anemlld-lut", initializer=torch.set_num_threads,
+                                       initargs=(1,))
+        return _pool
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
     """k-means LUT of ``bits`` per group of ``group_size`` rows (axis 0)."""
     k = 1 << bits
     rows = weight.shape[0]
     g = group_size_for(rows, group_size)
     flat = weight.detach().reshape(rows // g, -1)
-    per_group = flat.shape[1]
-    slab = max(1, SLAB_VALUES // per_group)
-    luts, idx = [], []
-    for start in range(0, flat.shape[0], slab):
-        xs, order = sort_rows(flat[start:start + slab])
-        runs = Runs(xs)
-        lut = kmeans_sorted(runs, k).half()
-        lut = lut.sort(dim=1).values  # fp16 rounding may reorder near-equal centroids
-        luts.append(lut)
-        # nearest entry of the fp16 table: contiguous runs of the sorted row
-        idx.append(unsort(order, run_ids(runs.positions(runs.cuts(lut)), xs.shape[1])))
-    lut = torch.cat(luts)
-    indices = torch.cat(idx)
-    dense = lut.gather(1, indices.long()).reshape(weight.shape)
-    return Quantized(lut, indices.reshape(weight.shape), dense)
+    pool = workers()
+    slabs = max(pool._max_workers, math.ceil(flat.numel() / SLAB_VALUES))
+    step = max(1, math.ceil(flat.shape[0] / slabs))
+    done = list(pool.map(lambda start: quantize_slab(flat[start:start + step], k), range(0, flat.shape[0], step)))
+    lut, indices, dense = (torch.cat(parts) for parts in zip(*done))
+    return Quantized(lut, indices.reshape(weight.shape), dense.reshape(weight.shape))
 
 
 def quantize_module(module: nn.Module, bits: int, group_size: int, kind: type[nn.Module]) -> int:
@@ -338,7 +364,7 @@ def quantize_module(module: nn.Module, bits: int, group_size: int, kind: type[nn
         for sub in module.modules():
             if isinstance(sub, kind):
                 q = quantize_weight(sub.weight, bits, group_size)
-                sub.weight.copy_(q.dense.to(sub.weight.dtype))
+                sub.weight.copy_(q.dense)
                 done += 1
     return done
 

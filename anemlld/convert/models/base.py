@@ -377,7 +377,7 @@ def _copy(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
                        f" config.json implies {expected_shape(name, param)}",
                        "the weights do not match config.json; re-download the model", stage="load")
     with torch.no_grad():
-        param.copy_(tensor.to(param.dtype))
+        param.copy_(tensor)  # converts the dtype without a temporary copy
 
 
 def causal_mask(positions: torch.Tensor, context_length: int, dtype=torch.float32) -> torch.Tensor:
