@@ -24,12 +24,12 @@ Every token event wakes the client and ZeroMQ's I/O threads on both sides.
 When no CPU is idle, those threads run in the model thread's place: on the
 2-core test machine with other jobs using a core or more, one event per token
 cost the pico demo model (about 250 tok/s) 6-10% of its decode speed, against
-0-3% with no event between the first token and ``done``, and 3-4% with
-``stream_interval`` 20 ms. That setting trades granularity for it: the first
-token goes at once, later ones wait until that long after the last event and
-then go together (``token_ids`` lists them all); a token held back waits for
-the next one or for ``done``. It is 0, one event per token, unless
-ANEMLL_STREAM_INTERVAL_MS sets it.
+0-3% with no event between the first token and ``done``. So token events of
+one answer go out at most every ``stream_interval_seconds`` (settings, 20 ms
+by default): the first token goes at once, tokens coming faster than that
+are held and go together (``token_ids`` lists them all) with the next one due
+or with ``done``. Models slower than 50 tok/s, which is most of them on the
+Neural Engine, still get one event per token.
 
 A peer that has gone away is noticed when sending to it fails
 (ROUTER_MANDATORY): its generations are cancelled and its watches dropped.
@@ -70,7 +70,6 @@ RECV_BATCH = 64  # messages read from one socket before looking at the others
 SEND_HWM = 100_000  # queued replies per peer before it counts as gone
 SHUTDOWN_GRACE_S = 2.0  # for cancelled generations to send their `done`
 JOB_OPS = ("convert", "retry")
-STREAM_INTERVAL_ENV = "ANEMLL_STREAM_INTERVAL_MS"
 
 Peer = tuple[int, bytes]  # (socket index, ROUTER identity)
 Key = tuple[int, bytes, str]  # (socket index, identity, request id)
@@ -101,10 +100,10 @@ class _Out:
 class Server:
     def __init__(self, settings: Settings, registry: Registry, residency: Residency, jobs: Any = None,
                  stream_interval: float | None = None):
-        """``stream_interval``: seconds between token events of one stream
-        (see the module docstring); None reads ANEMLL_STREAM_INTERVAL_MS."""
+        """``stream_interval``: least seconds between token events of one
+        stream (see the module docstring); None: the settings' value."""
         self.settings = settings
-        self.stream_interval = _stream_interval() if stream_interval is None else stream_interval
+        self.stream_interval = settings.stream_interval_seconds if stream_interval is None else stream_interval
         self.registry = registry
         self.residency = residency
         self.jobs = jobs
@@ -584,18 +583,6 @@ class _TokenBatch:
         fields = {"text": self.text, "token_ids": self.ids}
         self.text, self.ids, self.sent_at = "", [], time.monotonic()
         return fields
-
-
-def _stream_interval() -> float:
-    value = os.environ.get(STREAM_INTERVAL_ENV, "0")
-    try:
-        ms = float(value)
-    except ValueError:
-        ms = -1.0
-    if not ms >= 0:  # also NaN
-        raise AnemllError(f"{STREAM_INTERVAL_ENV}={value!r} is not a number of milliseconds",
-                          "set it to milliseconds between token events (e.g. 20), or unset it")
-    return ms / 1000
 
 
 def _sampling(req: p.Generate):

@@ -22,6 +22,8 @@ they agree on the socket. Every key of the file, with its default::
     rescan_seconds = 5.0       # the drop folder is rescanned this often (watchdog events are hints)
     stalled_seconds = 600.0    # a folder unchanged this long yet still incomplete is handed to a job anyway,
                                # which fails it with the reason (missing shard, no weights) in failed/
+    stream_interval_seconds = 0.02  # token events of one answer at most this often: tokens coming faster
+                               # go together in one event (the first goes at once); 0 = one event per token
     log_level = "info"         # debug, info, warning, error, critical
     [paths]                    # each defaults to HOME/<name> or the platform folder
     drop = "..."
@@ -73,7 +75,7 @@ MIN_FRAME_BYTES = 4 << 10
 PATH_KEYS = {"drop": "drop", "models": "models", "failed": "failed", "state": "state",
              "logs": "logs", "runtime": "run"}
 TOP_KEYS = ("memory_budget", "keep_alive", "queue_limit", "max_frame_bytes", "settle_seconds",
-            "rescan_seconds", "stalled_seconds", "log_level")
+            "rescan_seconds", "stalled_seconds", "stream_interval_seconds", "log_level")
 TCP_KEYS = ("enabled", "bind", "server_key", "client_keys")
 TABLES = ("paths", "tcp")
 
@@ -204,6 +206,7 @@ class Settings:
     settle_seconds: float = 2.0  # a dropped folder must be unchanged this long
     rescan_seconds: float = 5.0  # drop-folder rescan period (watchdog events are hints)
     stalled_seconds: float = 600.0  # unchanged yet incomplete this long: converted anyway, to fail clearly
+    stream_interval_seconds: float = 0.02  # least time between token events of one answer
     log_level: str = "INFO"
     tcp: TcpSettings | None = None  # None: TCP off
 
@@ -279,7 +282,8 @@ class Settings:
                 raise BadInput(f"{where}: max_frame_bytes = {data['max_frame_bytes']!r} is too small",
                                f"give at least {MIN_FRAME_BYTES} bytes; the default is 1MiB")
             values["max_frame_bytes"] = size
-        for key, low in (("settle_seconds", 0.0), ("rescan_seconds", 0.1), ("stalled_seconds", 0.0)):
+        for key, low in (("settle_seconds", 0.0), ("rescan_seconds", 0.1), ("stalled_seconds", 0.0),
+                         ("stream_interval_seconds", 0.0)):
             if key in data:
                 values[key] = _seconds_at_least(data[key], key, low, where)
         if "log_level" in data:

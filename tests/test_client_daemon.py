@@ -34,7 +34,8 @@ def test_one_shot_answer_and_its_json_events(served):
     out = chat(served.home, "tiny", "-p", "What does tar do?", "--max-tokens", "5", "--json")
     events = [json.loads(line) for line in out.stdout.splitlines()]
     assert [e["event"] for e in events][-1] == "done"
-    assert sum(e["event"] == "token" for e in events) == 5
+    # tokens faster than the stream interval share events; every id comes once
+    assert sum(len(e["token_ids"]) for e in events if e["event"] == "token") == 5
     assert events[-1]["done_reason"] == "length" and events[-1]["completion_tokens"] == 5
 
 

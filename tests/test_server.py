@@ -271,21 +271,13 @@ def test_tokens_slower_than_the_stream_interval_go_one_per_event(start):
     assert [e["token_ids"] for e in events if e.event == "token"] == [[0], [1], [2], [3]]
 
 
-def test_the_stream_interval_comes_from_the_environment_in_milliseconds(start, monkeypatch):
+def test_the_stream_interval_comes_from_the_settings(start):
     d = start()
-
-    def interval() -> float:
-        server = Server(d.settings, d.registry, d.residency)
+    for seconds in (0.0, 0.02):
+        settings = dataclasses.replace(d.settings, stream_interval_seconds=seconds)
+        server = Server(settings, d.registry, d.residency)
         server.close()
-        return server.stream_interval
-
-    monkeypatch.setenv("ANEMLL_STREAM_INTERVAL_MS", "20")
-    assert interval() == 0.02
-    monkeypatch.delenv("ANEMLL_STREAM_INTERVAL_MS")
-    assert interval() == 0.0
-    monkeypatch.setenv("ANEMLL_STREAM_INTERVAL_MS", "soon")
-    with pytest.raises(AnemllError, match="ANEMLL_STREAM_INTERVAL_MS='soon' is not a number"):
-        interval()
+        assert server.stream_interval == seconds
 
 
 def test_cancelling_a_queued_request_ends_it_at_once_without_running_it(start):

@@ -47,6 +47,7 @@ def test_home_puts_every_folder_under_it_with_the_documented_defaults(tmp_path):
     assert s.journal_path.parent == s.state_dir and s.log_path.parent == s.logs_dir
     assert (s.memory_budget, s.keep_alive, s.queue_limit, s.max_frame_bytes) == (8 * GiB, 1800.0, 4, 1 << 20)
     assert (s.settle_seconds, s.rescan_seconds, s.log_level, s.tcp) == (2.0, 5.0, "INFO", None)
+    assert s.stream_interval_seconds == 0.02
 
 
 def test_anemll_home_variable_selects_the_home_and_the_argument_wins(tmp_path):
@@ -86,6 +87,7 @@ queue_limit = 2
 max_frame_bytes = "2MiB"
 settle_seconds = 0.5
 rescan_seconds = 1
+stream_interval_seconds = 0
 log_level = "debug"
 [paths]
 drop = "~/Drop Here"
@@ -103,6 +105,7 @@ runtime = "/tmp/anemll-test-rt"
     assert s.endpoint == "ipc:///tmp/anemll-test-rt/anemlld.sock"
     assert (s.memory_budget, s.keep_alive, s.queue_limit, s.max_frame_bytes) == (8 * GiB, 5400.0, 2, 2 << 20)
     assert (s.settle_seconds, s.rescan_seconds, s.log_level) == (0.5, 1.0, "DEBUG")
+    assert s.stream_interval_seconds == 0.0
 
 
 def test_explicit_settings_file_is_read_and_must_exist(tmp_path):
@@ -175,6 +178,8 @@ def test_unknown_keys_and_tables_are_refused_naming_them(tmp_path, text, words):
     ("max_frame_bytes = 10\n", "max_frame_bytes"), ("max_frame_bytes = 'big'\n", "max_frame_bytes"),
     ("settle_seconds = -1\n", "settle_seconds"), ("settle_seconds = 'x'\n", "settle_seconds"),
     ("rescan_seconds = 0\n", "rescan_seconds"), ("rescan_seconds = nan\n", "rescan_seconds"),
+    ("stream_interval_seconds = -0.1\n", "stream_interval_seconds"),
+    ("stream_interval_seconds = '20ms'\n", "stream_interval_seconds"),
     ("log_level = 'loud'\n", "log_level"), ("log_level = 10\n", "log_level"),
     ("[paths]\ndrop = 5\n", "drop"), ("[paths]\nmodels = ''\n", "models"),
     ("[tcp]\nenabled = 'yes'\n", "enabled"),

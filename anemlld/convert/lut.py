@@ -127,7 +127,6 @@ class Runs:
     def __init__(self, xs: torch.Tensor):
         g, n = xs.shape
         dev = xs.device
-        self.values = xs  # every value, sorted
         new = torch.ones(g, n, dtype=torch.bool, device=dev)
         new[:, 1:] = xs[:, 1:] != xs[:, :-1]
         rank = new.cumsum(dim=1) - 1
@@ -381,22 +380,28 @@ def encode_exact(values: np.ndarray, bits: int, group_size: int) -> tuple[np.nda
     rows = values.shape[0]
     g = group_size_for(rows, group_size)
     flat = torch.from_numpy(np.ascontiguousarray(values)).reshape(rows // g, -1)
-    xs, order = sort_rows(flat)
+    step = max(1, SLAB_VALUES // flat.shape[1])
+    tables, indices = zip(*(encode_slab(flat[i:i + step], k) for i in range(0, flat.shape[0], step)))
+    lut_shape = (rows // g,) + (1,) * (values.ndim - 1) + (k, 1)
+    np_lut = torch.cat(tables).numpy().astype(values.dtype).reshape(lut_shape)
+    return np_lut, torch.cat(indices).numpy().reshape(values.shape)
+
+
+def encode_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lut (G, k), indices (G, N) uint8) of groups holding at most k values."""
+    xs, order = sort_rows(groups)
     new = torch.ones_like(xs, dtype=torch.bool)
     new[:, 1:] = xs[:, 1:] != xs[:, :-1]
     distinct = int(new.sum(dim=1).max())
     if distinct > k:
-        raise AnemllError(f"a weight group holds {distinct} distinct values, more than a {bits}-bit LUT",
+        raise AnemllError(f"a weight group holds {distinct} distinct values, more than a {k.bit_length() - 1}-bit LUT",
                           "this is a converter bug: report it with the model's config.json",
                           stage="quantize", code="quantize_failed")
     rank = new.cumsum(dim=1, dtype=torch.uint8) - 1  # at most 256 distinct: fits
     # Unused entries repeat the group's largest value, so each row stays sorted.
     lut = xs[:, -1:].repeat(1, k)
     lut.scatter_(1, rank.long(), xs)
-    indices = unsort(order, rank)
-    lut_shape = (rows // g,) + (1,) * (values.ndim - 1) + (k, 1)
-    np_lut = lut.numpy().astype(values.dtype).reshape(lut_shape)
-    return np_lut, indices.numpy().reshape(values.shape)
+    return lut, unsort(order, rank)
 
 
 def encode_program(prog, bits: int, group_size: int, op_type: str) -> int:
