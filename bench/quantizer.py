@@ -7,7 +7,8 @@ granularity="per_grouped_channel", group_size=8) does it):
 
 - ours: seconds for the whole weight, passed as the converter passes it (an
   fp32 tensor holding fp16 values), median of --repeats runs after a warm-up,
-  with torch's default thread count. Reported as seconds per 100 M weights.
+  as the converter runs it (slabs of groups on two threads, one torch thread
+  each). Reported as seconds per 100 M weights.
 - coremltools: ``_get_kmeans_lookup_table_and_weight(nbits, group)`` on fp16
   numpy groups, the function palettize_weights calls once per group. It is
   slow, so it runs on --ct-groups groups chosen at random (seeded) and the
@@ -63,7 +64,7 @@ class Row:
     ct_groups: int
     groups: int
     ct_algo: str
-    ours1_s100m: float    # ours with torch.set_num_threads(1)
+    ours1_s100m: float    # ours on one thread
     ours_min_s100m: float  # fastest of the timed runs (least disturbed by other processes)
     mse_ours: float       # on the sampled groups
     mse_ct: float         # on the sampled groups
@@ -85,16 +86,22 @@ def random_weight(rows: int, cols: int, seed: int, std: float = 0.02) -> torch.T
 
 def time_ours(weight16: torch.Tensor, bits: int, group_size: int, repeats: int, min_seconds: float = 0.5,
               threads: int | None = None):
-    """(median seconds per call, Quantized, fastest call) for our quantizer on the whole weight."""
-    from anemlld.convert.lut import quantize_weight
+    """(median seconds per call, Quantized, fastest call) for our quantizer on
+    the whole weight; with ``threads``, its slabs run on that many threads
+    (default: two, each with one torch thread)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    default = torch.get_num_threads()
+    from anemlld.convert import lut
+
+    default = lut.workers()
     if threads:
-        torch.set_num_threads(threads)
+        lut._pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
-        return _time_ours(quantize_weight, weight16, bits, group_size, repeats, min_seconds)
+        return _time_ours(lut.quantize_weight, weight16, bits, group_size, repeats, min_seconds)
     finally:
-        torch.set_num_threads(default)
+        if lut._pool is not default:
+            lut._pool.shutdown()
+        lut._pool = default
 
 
 def _time_ours(quantize_weight, weight16, bits, group_size, repeats, min_seconds):
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pico", action="store_true", help="skip the trained pico-llama weights")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-rounded copy of the 1B down_proj")
     ap.add_argument("--no-one-thread", action="store_true",
-                    help="skip timing ours again with torch.set_num_threads(1) (the 'ours 1thr' column)")
+                    help="skip timing ours again on one thread (the 'ours 1thr' column)")
     ap.add_argument("--no-palettize-check", action="store_true",
                     help="skip timing the public palettize_weights route")
     ap.add_argument("--palettize-rows", type=int, default=128,
@@ -268,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"(load avg {load_average()})", flush=True)
     print()
     print("coremltools column: timed on 'ct groups' of the weight's groups and EXTRAPOLATED per weight to 100 M;")
-    print("ours: the whole weight, median ('ours min': fastest) of runs, default threads; 'ours 1thr': median with")
-    print("torch.set_num_threads(1).")
-    print("MSE columns on the same sampled groups, against the fp16 weight. speedup = ct / ours (default threads).")
+    print("ours: the whole weight, median ('ours min': fastest) of runs, two threads (the default); 'ours 1thr':")
+    print("median with its slabs on one thread.")
+    print("MSE columns on the same sampled groups, against the fp16 weight. speedup = ct / ours (two threads).")
     print()
     body = [[r.name, "x".join(map(str, r.shape)), str(r.bits), str(r.group_size), f"{r.ours_s100m:.1f}",
              f"{r.ours_min_s100m:.1f}", f"{r.ours1_s100m:.1f}", f"{r.ct_s100m:.1f}", f"{r.ct_groups}/{r.groups}", r.ct_algo, f"{r.speedup:.1f}x",

@@ -312,7 +312,10 @@ class Quantized:
 
 def quantize_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lut (G, k) fp16, indices (G, N) uint8, dense (G, N) fp16) for the
-    rows of ``groups``."""
+    rows of ``groups``, computed on the GPU when there is one (not tested
+    here: no GPU on the project's machines)."""
+    if torch.cuda.is_available() and groups.device.type == "cpu":
+        return tuple(t.cpu() for t in quantize_slab(groups.cuda(), k))
     xs, order = sort_rows(groups)
     runs = Runs(xs)
     lut = kmeans_sorted(runs, k).half()
