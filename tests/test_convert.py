@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import numpy as np
 
 import pytest
 import yaml
@@ -233,3 +234,22 @@ def test_combined_chunk_stores_shared_weights_once(tmp_path):
     assert size(combined, "weight.bin") == size(paths["infer"], "weight.bin")
     ratio = size(combined) / size(paths["infer"])
     assert ratio <= 1.05, ratio
+
+
+def test_fp16_overflow_test_answers_as_coremltools_does():
+    """Our replacement of coremltools' fp16 overflow check against its own
+    formula, on the cases it is there for."""
+    from anemlld.convert.export import overflows_fp16
+
+    def theirs(v):
+        a = np.abs(np.expand_dims(v, 0))
+        return bool(np.max(a[np.where(a < 1e38)], initial=0.0) > 65504)
+
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(0, 0.02, (64, 64)).astype(np.float32), np.array([65504.0, -65504.0], np.float32),
+             np.array([70000.0], np.float32), np.array([-70000.0, 1.0], np.float32),
+             np.array([-np.inf, 0.0, 1.0], np.float32), np.array([-3e38, 2.0], np.float32),
+             np.array([np.nan, 1.0], np.float32), np.array([np.nan, 1e5], np.float32),
+             np.array([-1e38, 1e5], np.float32), np.float32(3.0), np.float32(1e6), np.zeros(0, np.float32)]
+    for v in cases:
+        assert overflows_fp16(v) == theirs(v), v

@@ -23,7 +23,7 @@ from torch import nn
 
 from anemlld.convert import export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import ModelArgs, split_sizes
+from anemlld.convert.models.base import AneLM, ModelArgs, split_sizes, weights_loaded_later
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
 from shared.options import ConvertOptions, lut_name
@@ -306,6 +306,16 @@ def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weigh
     return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
 
 
+def _loaded(p: Plan, st: _Stages, name: str, **part) -> AneLM:
+    """The torch model of one part with its checkpoint weights; nothing of
+    the checkpoint stays mapped afterwards."""
+    with weights_loaded_later():
+        lm = build(p.architecture, p.args, context_length=p.options.context_length, **part)
+    st.run("load", name, 0.0, lm.load_weights, p.source.get)
+    p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
+    return lm
+
+
 def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, head: bool) -> None:
     """The embeddings part (``head`` False) or the split LM head (True)."""
     name = p.parts[-1] if head else p.parts[0]
@@ -313,10 +323,7 @@ def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, hea
     if target.exists():
         st.done += w * (1 + q)
         return
-    lm = build(p.architecture, p.args, layers=range(0), embeddings=not head, lm_head=head,
-               lm_head_split=p.lm_head_split, context_length=p.options.context_length)
-    st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
+    lm = _loaded(p, st, name, layers=range(0), embeddings=not head, lm_head=head, lm_head_split=p.lm_head_split)
     if head:
         bits, kind, fn, what = p.options.lut_lm_head, nn.Conv2d, export.export_head, \
             f"LM head in {p.lm_head_split} parts"
@@ -337,10 +344,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     if target.exists():
         st.done += w * (2 + q)
         return
-    lm = build(p.architecture, p.args, layers=layers, embeddings=False, lm_head=False,
-               context_length=p.options.context_length)
-    st.run("load", name, 0.0, lm.load_weights, p.source.get)
-    p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
+    lm = _loaded(p, st, name, layers=layers, embeddings=False, lm_head=False)
     bits = p.options.lut_ffn
     # Quantized once; both functions encode the same values, so their tables
     # and indices are byte-identical and the combined package stores them once.

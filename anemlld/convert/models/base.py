@@ -14,6 +14,8 @@ LM head is the one exception, handled in :meth:`AneLM.load_weights`.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -137,8 +139,29 @@ def rope_tables(args: ModelArgs, length: int) -> tuple[torch.Tensor, torch.Tenso
     return emb.cos().float(), emb.sin().float()
 
 
+_building = threading.local()
+
+
+@contextmanager
+def weights_loaded_later():
+    """Modules built inside skip torch's random initialisation of their
+    weights: a checkpoint is about to overwrite every one (``load_weights``),
+    and initialising a 1B model's layers and embeddings costs about 20 s."""
+    _building.skip_init = True
+    try:
+        yield
+    finally:
+        _building.skip_init = False
+
+
+def _weighted(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    if getattr(_building, "skip_init", False):
+        return torch.nn.utils.skip_init(cls, *args, **kwargs)
+    return cls(*args, **kwargs)
+
+
 def conv1x1(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
+    return _weighted(nn.Conv2d, cin, cout, kernel_size=1, bias=bias)
 
 
 def to_channels(x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +277,7 @@ class Body(nn.Module):
     def __init__(self, args: ModelArgs, layers: range, embeddings: bool, context_length: int,
                  attention: type[Attention]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if embeddings else None
+        self.embed_tokens = _weighted(nn.Embedding, args.vocab_size, args.hidden_size) if embeddings else None
         self.layers = nn.ModuleList(
             DecoderLayer(args, i, attention) if i in layers else nn.Identity()
             for i in range(args.num_hidden_layers))
