@@ -177,8 +177,8 @@ class Runs:
 
 def lloyd(runs: Runs, c: torch.Tensor, iterations: int) -> torch.Tensor:
     """Lloyd's iterations from centroids ``c`` (G, k, float64). Each cluster
-    is a contiguous run of the sorted row, so an iteration is one
-    searchsorted and two gathers."""
+    is a contiguous run of the sorted distinct values, so an iteration is one
+    searchsorted and a few gathers."""
     g = c.shape[0]
     rows = torch.arange(g, device=c.device)
     n = runs.n
@@ -194,9 +194,8 @@ def lloyd(runs: Runs, c: torch.Tensor, iterations: int) -> torch.Tensor:
             victim = empty.float().argmax(dim=1)
             has = empty.any(dim=1)
             s0, e0 = starts[rows, worst], ends[rows, worst]
-            x64 = runs.xs
-            lo = x64[rows, (s0 + (e0 - s0) // 4).clamp(max=n - 1)].double()
-            hi = x64[rows, (s0 + 3 * (e0 - s0) // 4).clamp(max=n - 1)].double()
+            lo = runs.xs[rows, (s0 + (e0 - s0) // 4).clamp(max=n - 1)].double()
+            hi = runs.xs[rows, (s0 + 3 * (e0 - s0) // 4).clamp(max=n - 1)].double()
             new[rows[has], worst[has]] = lo[has]
             new[rows[has], victim[has]] = hi[has]
             new = new.sort(dim=1).values
