@@ -253,3 +253,10 @@ def test_fp16_overflow_test_answers_as_coremltools_does():
              np.array([-1e38, 1e5], np.float32), np.float32(3.0), np.float32(1e6), np.zeros(0, np.float32)]
     for v in cases:
         assert overflows_fp16(v) == theirs(v), v
+
+
+def test_the_converter_installs_its_overflow_check_into_coremltools():
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    export._ct()
+    assert FP16ComputePrecision.fp16_overflow is export.fp16_overflow

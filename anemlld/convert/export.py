@@ -33,8 +33,12 @@ def _ct():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import coremltools as ct
-        from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
-    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+        try:  # coremltools 8.3's layout; elsewhere its own, slower check stays
+            from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+        except ImportError:
+            FP16ComputePrecision = None
+    if FP16ComputePrecision is not None and hasattr(FP16ComputePrecision, "fp16_overflow"):
+        FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
     return ct
 
 
