@@ -112,6 +112,23 @@ def parse_duration(value: Any, key: str = "keep_alive", where: str = "") -> floa
     return seconds
 
 
+def env_count(name: str, default: int) -> int:
+    """A positive whole number from the environment variable ``name`` (the
+    tuning knobs ANEMLL_PORTABLE_THREADS, ANEMLL_QUANTIZE_THREADS), or
+    ``default`` when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise BadInput(f"{name}={value!r} is not a positive whole number",
+                       f"set {name} to a count such as {default}, or unset it")
+    return count
+
+
 def format_duration(seconds: float | None) -> str:
     """The short form ``parse_duration`` reads back: ``1h30m``, ``45s``, ``forever``."""
     if seconds is None or math.isinf(seconds):

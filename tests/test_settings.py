@@ -296,3 +296,17 @@ def test_default_memory_budget_is_half_of_this_machines_ram(tmp_path):
 
     assert total_ram_bytes() > 0
     assert Settings.load(home=tmp_path, env={}).memory_budget == total_ram_bytes() // 2
+
+
+def test_thread_count_knobs_from_the_environment_are_checked(monkeypatch):
+    from shared.settings import env_count
+
+    monkeypatch.delenv("ANEMLL_TEST_COUNT", raising=False)
+    assert env_count("ANEMLL_TEST_COUNT", 2) == 2
+    monkeypatch.setenv("ANEMLL_TEST_COUNT", " 3 ")
+    assert env_count("ANEMLL_TEST_COUNT", 2) == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("ANEMLL_TEST_COUNT", bad)
+        with pytest.raises(BadInput, match="ANEMLL_TEST_COUNT=.* is not a positive whole number") as e:
+            env_count("ANEMLL_TEST_COUNT", 2)
+        assert "unset it" in e.value.hint

@@ -38,13 +38,14 @@ import torch
 from torch import nn
 
 from shared.errors import AnemllError
+from shared.settings import env_count
 
 log = logging.getLogger(__name__)
 
 # Groups are processed in slabs of at most this many values, two at a time:
 # the temporaries (sort order, prefix sums) take about 60 bytes per value.
 SLAB_VALUES = 8_000_000
-QUANTIZE_THREADS = int(os.environ.get("ANEMLL_QUANTIZE_THREADS", "2"))
+QUANTIZE_THREADS = 2  # ANEMLL_QUANTIZE_THREADS changes it
 LLOYD_ITERATIONS = 20
 REFINE_SWEEPS = 10
 REFINE_WINDOW = 8
@@ -337,7 +338,8 @@ def workers() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max(1, min(QUANTIZE_THREADS, os.cpu_count() or 1)),
+            threads = env_count("ANEMLL_QUANTIZE_THREADS", QUANTIZE_THREADS)
+            _pool = ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1)),
                                        thread_name_prefix="anemlld-lut", initializer=torch.set_num_threads,
                                        initargs=(1,))
         return _pool

@@ -9,7 +9,6 @@ state into logits (the split LM head concatenated).
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import threading
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 from anemlld.layout import Layout
 from shared.errors import AnemllError
+from shared.settings import env_count
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class PortableExecutor(Executor):
         # (190 vs 196 tok/s idle). One thread unless asked otherwise.
         # torch's thread count is per calling thread (OpenMP), so it is set on
         # every thread that runs the model, not only on the one that loads it.
-        self.threads = threads or int(os.environ.get("ANEMLL_PORTABLE_THREADS", "1"))
+        self.threads = threads or env_count("ANEMLL_PORTABLE_THREADS", 1)
         self._bound: set[int] = set()
         self.bind_thread()
 
