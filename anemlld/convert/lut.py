@@ -84,6 +84,13 @@ def unsort(order: torch.Tensor, in_sorted_order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(in_sorted_order).scatter_(1, order, in_sorted_order)
 
 
+def first_of_each_value(xs: torch.Tensor) -> torch.Tensor:
+    """(G, N) bool: True where a sorted row holds a value for the first time."""
+    new = torch.ones_like(xs, dtype=torch.bool)
+    new[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    return new
+
+
 def run_ids(cuts: torch.Tensor, n: int) -> torch.Tensor:
     """(G, n) uint8: the run each sorted position falls in, runs starting at
     0 and at each of the (G, k-1) non-decreasing ``cuts``."""
@@ -128,8 +135,7 @@ class Runs:
     def __init__(self, xs: torch.Tensor):
         g, n = xs.shape
         dev = xs.device
-        new = torch.ones(g, n, dtype=torch.bool, device=dev)
-        new[:, 1:] = xs[:, 1:] != xs[:, :-1]
+        new = first_of_each_value(xs)
         rank = new.cumsum(dim=1) - 1
         self.n = int(rank[:, -1].max()) + 1
         # Rows with fewer distinct values are padded with their largest
@@ -394,8 +400,7 @@ def encode_exact(values: np.ndarray, bits: int, group_size: int) -> tuple[np.nda
 def encode_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lut (G, k), indices (G, N) uint8) of groups holding at most k values."""
     xs, order = sort_rows(groups)
-    new = torch.ones_like(xs, dtype=torch.bool)
-    new[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    new = first_of_each_value(xs)
     distinct = int(new.sum(dim=1).max())
     if distinct > k:
         raise AnemllError(f"a weight group holds {distinct} distinct values, more than a {k.bit_length() - 1}-bit LUT",
