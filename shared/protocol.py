@@ -251,6 +251,8 @@ class Generate(Request):
     top_k: int | None = _arg(_int(0, INT32_MAX), None)  # 0: off
     top_p: float | None = _arg(_number(0, 1, low_open=True), None)
     repetition_penalty: float | None = _arg(_number(0, math.inf, low_open=True), None)
+    presence_penalty: float | None = _arg(_number(-2, 2), None)  # OpenAI's: minus this once per token generated
+    frequency_penalty: float | None = _arg(_number(-2, 2), None)  # ... minus this per time it was generated
     seed: int | None = _arg(_int(0, UINT64_MAX), None)
     stop: tuple[str, ...] = _arg(_stop, ())
     keep_alive: float | None = _arg(_duration, None)  # seconds; FOREVER for -1

@@ -16,7 +16,9 @@ they agree on the socket. Every key of the file, with its default::
 
     memory_budget = 0.5        # resident models together: a fraction of RAM, "50%", "8GB" or bytes
     keep_alive = "30m"         # idle time before unloading; -1 forever, 0 after each request
-    queue_limit = 4            # requests waiting per model behind the running one; more get `busy`
+    queue_limit = 64           # requests waiting per model behind the running one (FIFO); more get `busy`
+    prefix_cache_states = 8    # KV states each resident model keeps for prefix reuse, least recently used out
+    prefix_cache_bytes = "2GiB"  # ... and at most this much of them per model
     max_frame_bytes = "1MiB"   # largest request frame; larger ones get `too_large`
     settle_seconds = 2.0       # a dropped folder must stay unchanged this long before conversion
     rescan_seconds = 5.0       # the drop folder is rescanned this often (watchdog events are hints)
@@ -37,6 +39,13 @@ they agree on the socket. Every key of the file, with its default::
     bind = "tcp://127.0.0.1:5557"
     server_key = "..."         # the daemon's zmq.auth .key_secret file, chmod 600
     client_keys = "..."        # folder of the allowed clients' public .key files
+    [http]                     # the OpenAI and Ollama HTTP APIs (docs/http.md)
+    enabled = true
+    bind = "127.0.0.1:11435"   # HOST:PORT; port 0 picks a free port; a non-loopback host needs api_key_file
+    api_key_file = ""          # a file holding the key; if set every endpoint but /health needs
+                               # "Authorization: Bearer <key>"
+    cors_origins = []          # extra browser origins allowed; localhost origins always are
+    max_body_bytes = "8MiB"    # larger request bodies get 413 without being read
 """
 from __future__ import annotations
 
@@ -74,10 +83,14 @@ MIN_FRAME_BYTES = 4 << 10
 # Folder key in [paths] -> subfolder under a home.
 PATH_KEYS = {"drop": "drop", "models": "models", "failed": "failed", "state": "state",
              "logs": "logs", "runtime": "run"}
-TOP_KEYS = ("memory_budget", "keep_alive", "queue_limit", "max_frame_bytes", "settle_seconds",
-            "rescan_seconds", "stalled_seconds", "stream_interval_seconds", "log_level")
+TOP_KEYS = ("memory_budget", "keep_alive", "queue_limit", "prefix_cache_states", "prefix_cache_bytes",
+            "max_frame_bytes", "settle_seconds", "rescan_seconds", "stalled_seconds", "stream_interval_seconds",
+            "log_level")
 TCP_KEYS = ("enabled", "bind", "server_key", "client_keys")
-TABLES = ("paths", "tcp")
+HTTP_KEYS = ("enabled", "bind", "api_key_file", "cors_origins", "max_body_bytes")
+TABLES = ("paths", "tcp", "http")
+DEFAULT_HTTP_BIND = "127.0.0.1:11435"  # one above Ollama's 11434, so both can run
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 DURATION_FORMS = ('a number of seconds, a duration such as "45s", "30m", "2h" or "1h30m", '
                   '-1 to keep forever, or 0 to unload after each request')
@@ -207,6 +220,21 @@ class TcpSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP APIs. ``api_key`` is the key read from ``api_key_file`` (None: no key)."""
+
+    host: str = "127.0.0.1"
+    port: int = 11435
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 8 << 20
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+
+@dataclass(frozen=True)
 class Settings:
     config_file: Path  # read if it exists; the defaults otherwise
     home: Path | None
@@ -218,7 +246,9 @@ class Settings:
     runtime_dir: Path  # the ipc socket; owner-only (0700)
     memory_budget: int = 0  # bytes; what resident models may take together
     keep_alive: float = 1800.0  # seconds an idle model stays; FOREVER or 0
-    queue_limit: int = 4  # requests that may wait per model behind the running one
+    queue_limit: int = 64  # requests that may wait per model behind the running one
+    prefix_cache_states: int = 8  # KV states kept per resident model for prefix reuse
+    prefix_cache_bytes: int = 2 << 30  # their total size per model
     max_frame_bytes: int = 1 << 20  # largest request frame accepted
     settle_seconds: float = 2.0  # a dropped folder must be unchanged this long
     rescan_seconds: float = 5.0  # drop-folder rescan period (watchdog events are hints)
@@ -226,6 +256,7 @@ class Settings:
     stream_interval_seconds: float = 0.02  # least time between token events of one answer
     log_level: str = "INFO"
     tcp: TcpSettings | None = None  # None: TCP off
+    http: HttpSettings | None = HttpSettings()  # None: HTTP off
 
     DEFAULT_MEMORY_FRACTION = 0.5
 
@@ -293,6 +324,11 @@ class Settings:
             values["keep_alive"] = parse_duration(data["keep_alive"], "keep_alive", where)
         if "queue_limit" in data:
             values["queue_limit"] = _int_at_least(data["queue_limit"], "queue_limit", 0, where)
+        if "prefix_cache_states" in data:
+            values["prefix_cache_states"] = _int_at_least(data["prefix_cache_states"], "prefix_cache_states", 0,
+                                                          where)
+        if "prefix_cache_bytes" in data:
+            values["prefix_cache_bytes"] = parse_size(data["prefix_cache_bytes"], "prefix_cache_bytes", where)
         if "max_frame_bytes" in data:
             size = parse_size(data["max_frame_bytes"], "max_frame_bytes", where)
             if size < MIN_FRAME_BYTES:
@@ -310,6 +346,7 @@ class Settings:
                                f"use one of {', '.join(LOG_LEVELS)}")
             values["log_level"] = level.upper()
         values["tcp"] = _tcp(data.get("tcp", {}), config)
+        values["http"] = _http(data.get("http", {}), config)
 
         return cls(config_file=config, home=home, drop_dir=dirs["drop"], models_dir=dirs["models"],
                    failed_dir=dirs["failed"], state_dir=dirs["state"], logs_dir=dirs["logs"],
@@ -449,3 +486,50 @@ def _tcp(table: dict, config: Path) -> TcpSettings | None:
     if not client_keys.is_dir():
         raise BadInput(f"{where}: [tcp] client_keys {client_keys} is not a folder", hint)
     return TcpSettings(bind=bind, server_key=server_key, client_keys=client_keys)
+
+
+def _http(table: dict, config: Path) -> HttpSettings | None:
+    where = str(config)
+    _check_keys(table, HTTP_KEYS, "http", where)
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise BadInput(f"{where}: [http] enabled = {enabled!r} is not true or false", "write enabled = true or false")
+    if not enabled:
+        return None
+    bind = table.get("bind", DEFAULT_HTTP_BIND)
+    match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):(\d{1,5})", bind) if isinstance(bind, str) else None
+    if match is None or int(match[2]) > 65535:
+        raise BadInput(f"{where}: [http] bind = {bind!r} is not HOST:PORT",
+                       f'write it as "{DEFAULT_HTTP_BIND}" ("127.0.0.1:0" picks a free port)')
+    host, port = match[1].strip("[]"), int(match[2])
+    key = None
+    key_file = table.get("api_key_file", "")
+    if not isinstance(key_file, str):
+        raise BadInput(f"{where}: [http] api_key_file = {key_file!r} is not a path", 'write a path in quotes, or ""')
+    if key_file:
+        path = _path_value(key_file, "[http] api_key_file", config)
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise BadInput(f"{where}: [http] api_key_file {path} cannot be read: {e.strerror}",
+                           "create it with the key on one line (for example: openssl rand -hex 24 > FILE; "
+                           "chmod 600 FILE)") from e
+        if not key or any(c.isspace() for c in key):
+            raise BadInput(f"{where}: [http] api_key_file {path} holds no key (or one with spaces)",
+                           "put the key on one line by itself")
+        if sys.platform != "win32" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise BadInput(f"{where}: [http] api_key_file {path} can be read by other users", f"run: chmod 600 {path}")
+    origins = table.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(
+            isinstance(o, str) and re.fullmatch(r"https?://[^\s/]+", o) for o in origins):
+        raise BadInput(f"{where}: [http] cors_origins = {origins!r} is not a list of origins",
+                       'write origins as scheme://host[:port] with no path, such as ["http://192.168.1.5:3000"]')
+    size = parse_size(table.get("max_body_bytes", "8MiB"), "[http] max_body_bytes", where)
+    if size < MIN_FRAME_BYTES:
+        raise BadInput(f"{where}: [http] max_body_bytes = {size} is too small",
+                       f"give at least {MIN_FRAME_BYTES} bytes; the default is 8MiB")
+    http = HttpSettings(host=host, port=port, api_key=key, cors_origins=tuple(origins), max_body_bytes=size)
+    if not http.loopback and key is None:
+        raise BadInput(f"{where}: [http] bind = {bind!r} listens beyond this machine without an API key",
+                       "set [http] api_key_file to a file holding a key, or bind to 127.0.0.1")
+    return http

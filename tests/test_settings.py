@@ -45,7 +45,7 @@ def test_home_puts_every_folder_under_it_with_the_documented_defaults(tmp_path):
     assert s.home == tmp_path and s.config_file == tmp_path / "settings.toml"
     assert s.endpoint == f"ipc://{tmp_path}/run/anemlld.sock"
     assert s.journal_path.parent == s.state_dir and s.log_path.parent == s.logs_dir
-    assert (s.memory_budget, s.keep_alive, s.queue_limit, s.max_frame_bytes) == (8 * GiB, 1800.0, 4, 1 << 20)
+    assert (s.memory_budget, s.keep_alive, s.queue_limit, s.max_frame_bytes) == (8 * GiB, 1800.0, 64, 1 << 20)
     assert (s.settle_seconds, s.rescan_seconds, s.log_level, s.tcp) == (2.0, 5.0, "INFO", None)
     assert s.stream_interval_seconds == 0.02
 
