@@ -1,6 +1,6 @@
 """The daemon: wires settings, the model registry, conversion jobs, the drop
-folder watcher, residency and the ZeroMQ server together, and owns logging
-and signals. Data flows one way: folder -> job -> converted model -> resident
+folder watcher, residency, the service layer and its two transports (the
+ZeroMQ server and the HTTP APIs) together, and owns logging and signals. Data flows one way: folder -> job -> converted model -> resident
 model -> stream of tokens."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from anemlld.jobs import Jobs
 from anemlld.registry import Registry
 from anemlld.residency import Residency
 from anemlld.server import Server
+from anemlld.service import Service
 from anemlld.watcher import DropWatcher
 from shared.settings import Settings
 
@@ -47,7 +48,13 @@ class Daemon:
         self.registry = Registry()
         self.jobs = Jobs(settings, self.registry)
         self.residency = Residency(settings, self.registry)
-        self.server = Server(settings, self.registry, self.residency, self.jobs)
+        self.service = Service(settings, self.registry, self.residency, self.jobs)
+        self.server = Server(self.service)
+        self.http = None
+        if settings.http is not None:
+            from anemlld.http.server import HttpServer  # starlette and uvicorn only when HTTP is on
+
+            self.http = HttpServer(self.service, settings.http)
         self.watcher = DropWatcher(settings, self.jobs.submit)
 
     def run(self) -> None:
@@ -56,9 +63,13 @@ class Daemon:
         progress stops at its next stage and resumes at the next start."""
         t = time.perf_counter()
         self.server.bind()  # first: a second daemon on the same home fails fast
+        if self.http is not None:
+            self.service.http_url = self.http.bind()
         self.jobs.start()
         self.watcher.start()
         self.residency.preload_pinned()
+        if self.http is not None:
+            self.http.start()
         log.info("anemlld %s serving %s (drop folder %s) after %.0f ms", __version__, self.settings.endpoint,
                  self.settings.drop_dir, (time.perf_counter() - t) * 1000)
         try:
@@ -71,6 +82,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("shutting down")
+        if self.http is not None:
+            self.http.stop()
         self.watcher.stop()
         if not self.jobs.stop(timeout=5.0):
             log.warning("the conversion in progress did not reach a stage boundary; it resumes at next start")

@@ -1,8 +1,8 @@
 """The daemon's socket: one ZeroMQ ROUTER speaking docs/protocol.md.
 
 It owns the sockets, the requests in flight and their routing. What to run is
-not its business: models go through ``Residency``, conversions through
-``Jobs``, the model table through ``Registry``.
+not its business: every op is a call on ``Service`` (anemlld/service.py), the
+same layer the HTTP dialects call.
 
 Threading. ZeroMQ sockets are not thread-safe, so one lock guards them and
 the table of requests in flight: the loop running ``serve_forever`` holds it
@@ -58,8 +58,8 @@ from typing import Any, Callable
 import zmq
 
 from anemlld import __version__
-from anemlld.registry import ModelEntry, Registry
-from anemlld.residency import ResidentModel, Residency
+from anemlld.registry import ModelEntry
+from anemlld.service import Generation, Service, wire_safe, zero_stats
 from shared import protocol as p
 from shared.errors import AnemllError
 from shared.protocol import ProtocolError, encode_error, encode_event
@@ -82,8 +82,7 @@ class _Active:
     """A request that outlives its handler: a generation, a watch, a load."""
 
     op: str
-    cancel: threading.Event = field(default_factory=threading.Event)
-    ticket: Any = None  # residency.Ticket while a generation may still be queued
+    generation: Generation | None = None  # a generate's handle, for cancel
 
 
 @dataclass
@@ -100,14 +99,13 @@ class _Out:
 
 
 class Server:
-    def __init__(self, settings: Settings, registry: Registry, residency: Residency, jobs: Any = None,
-                 stream_interval: float | None = None):
+    def __init__(self, service: Service, stream_interval: float | None = None):
         """``stream_interval``: least seconds between token events of one
         stream (see the module docstring); None: the settings' value."""
-        self.settings = settings
+        self.service = service
+        settings = self.settings = service.settings
         self.stream_interval = settings.stream_interval_seconds if stream_interval is None else stream_interval
-        self.registry = registry
-        self.residency = residency
+        registry, residency, jobs = service.registry, service.residency, service.jobs
         self.jobs = jobs
         self._ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
@@ -191,7 +189,7 @@ class Server:
         fields = {"kind": "convert", "job": get("job", get("id")), "model": get("model", get("name")),
                   "stage": get("stage", ""), "part": get("part", ""), "fraction": float(get("fraction", 0.0) or 0.0),
                   "message": get("message", "") or ""}
-        self._post(_Out(None, None, None, broadcast=("progress", _wire_safe(fields))))
+        self._post(_Out(None, None, None, broadcast=("progress", wire_safe(fields))))
 
     # -- sockets -----------------------------------------------------------------
     def _router(self) -> zmq.Socket:
@@ -319,9 +317,8 @@ class Server:
             log.info("a client %s: cancelling its %d request(s)", why, len(keys))
         for key in keys:
             active = self._active.pop(key)
-            active.cancel.set()
-            if active.ticket is not None:
-                active.ticket.withdraw()
+            if active.generation is not None:
+                active.generation.cancel()
 
     def close(self) -> None:
         """Cancel what runs, give it a moment to say so, close the sockets.
@@ -331,12 +328,11 @@ class Server:
             if self._closed:
                 return
             for key, active in list(self._active.items()):
-                active.cancel.set()
-                withdrawn = active.ticket is not None and active.ticket.withdraw()
-                if active.op == "watch" or withdrawn:
-                    fields = _zero_stats() if withdrawn else {}
-                    self._send(_Out(key[:2], key[2], encode_event(key[2], "done", done_reason="cancelled",
-                                                                  **fields), final=True, tracked=True))
+                if active.generation is not None:
+                    active.generation.cancel()  # a queued one says `done` through its sink, flushed below
+                elif active.op == "watch":
+                    self._send(_Out(key[:2], key[2], encode_event(key[2], "done", done_reason="cancelled"),
+                                    final=True, tracked=True))
         end = time.monotonic() + SHUTDOWN_GRACE_S
         while time.monotonic() < end:
             with self._lock:
@@ -422,18 +418,17 @@ class Server:
             log.info("hello from %s", req.client)
         self._reply(peer, req.id, encode_event(req.id, "hello", server="anemlld", version=__version__,
                                                protocol=p.PROTOCOL_VERSION, capabilities=self.capabilities,
-                                               max_frame_bytes=self.settings.max_frame_bytes))
+                                               max_frame_bytes=self.settings.max_frame_bytes,
+                                               http=self.service.http_url))
 
     def _models(self, peer: Peer, req: p.Models) -> None:
-        models = [self._model_record(e) for e in self.registry.all()]
-        self._reply(peer, req.id, encode_event(req.id, "models", models=models))
+        self._reply(peer, req.id, encode_event(req.id, "models", models=self.service.models()))
 
     def _ps(self, peer: Peer, req: p.Ps) -> None:
-        self._reply(peer, req.id, encode_event(req.id, "ps", ps=self.residency.ps()))
+        self._reply(peer, req.id, encode_event(req.id, "ps", ps=self.service.ps()))
 
     def _jobs(self, peer: Peer, req: p.Jobs) -> None:
-        jobs = _wire_safe(list(self.jobs.list())) if self.jobs is not None else []
-        self._reply(peer, req.id, encode_event(req.id, "jobs", jobs=jobs))
+        self._reply(peer, req.id, encode_event(req.id, "jobs", jobs=self.service.jobs_list()))
 
     def _cancel(self, peer: Peer, req: p.Cancel) -> None:
         key = (*peer, req.target)
@@ -446,78 +441,44 @@ class Server:
         if active.op == "watch":
             self._send(_Out(peer, req.target, encode_event(req.target, "done", done_reason="cancelled"),
                             final=True, tracked=True))
-            return
-        active.cancel.set()  # a running generation stops before its next token
-        if active.ticket is not None and active.ticket.withdraw():  # still queued: it never runs
-            self._send(_Out(peer, req.target, encode_event(req.target, "done", done_reason="cancelled",
-                                                           **_zero_stats()), final=True, tracked=True))
+        elif active.generation is not None:
+            active.generation.cancel()
 
     def _unload(self, peer: Peer, req: p.Unload) -> None:
-        self._known(req.model)
-        self.residency.unload(req.model)
+        self.service.unload(req.model)
         self._reply(peer, req.id, encode_event(req.id, "ok"))
 
     def _convert(self, peer: Peer, req: p.Convert) -> None:
-        extra = {k: v for k, v in (("name", req.name), ("options", req.options)) if v is not None}
-        result = _call_jobs(self.jobs.convert_path, req.path, **extra)
-        self._reply(peer, req.id, encode_event(req.id, "ok", **_job_reply(result, req.name)))
+        result = self.service.convert(req.path, req.name, req.options)
+        self._reply(peer, req.id, encode_event(req.id, "ok", **result))
 
     def _retry(self, peer: Peer, req: p.Retry) -> None:
-        result = _call_jobs(self.jobs.retry, req.name)
-        self._reply(peer, req.id, encode_event(req.id, "ok", **_job_reply(result, req.name)))
+        self._reply(peer, req.id, encode_event(req.id, "ok", **self.service.retry(req.name)))
 
     # -- streams ---------------------------------------------------------------------
     def _watch(self, peer: Peer, req: p.Watch) -> None:
         self._track(peer, req.id, "watch")
 
     def _generate(self, peer: Peer, req: p.Generate) -> None:
-        params = _sampling(req)
         active = _Active("generate")
-        rid, model_name = req.id, req.model
-
-        def run(model: ResidentModel, load_ms: float) -> None:
-            if active.cancel.is_set():
-                self._emit(peer, rid, "done", done_reason="cancelled", **_zero_stats(load_ms))
-                return
-            try:
-                session = model.session(req.session) if req.session else None
-                messages = [dict(m) for m in req.messages] if req.messages is not None else None
-                batch = _TokenBatch(self.stream_interval)
-                for event in model.engine.generate(prompt=req.prompt, messages=messages, params=params,
-                                                   session=session, cancel=active.cancel):
-                    if hasattr(event, "stats"):
-                        if batch.pending:
-                            self._emit(peer, rid, "token", **batch.take())
-                        self._emit(peer, rid, "done", **_done_fields(event.stats, load_ms))
-                    elif batch.add(event.text, event.token_ids):
-                        self._emit(peer, rid, "token", **batch.take())
-            except Exception as e:
-                if req.session:
-                    model.drop_session(req.session)  # its cache may hold half a request
-                if not isinstance(e, AnemllError):
-                    log.exception("generate %r on %s failed", rid, model_name)
-                self._emit_error(peer, rid, e)
-
-        active.ticket = self.residency.submit(
-            model_name, run, lambda error: self._emit_error(peer, rid, error), keep_alive=req.keep_alive,
-            on_progress=self._load_progress(peer, rid, model_name))
-        self._active[(*peer, rid)] = active
+        active.generation = self.service.generate(req, _SocketSink(self, peer, req.id, req.model))
+        self._active[(*peer, req.id)] = active
 
     def _load(self, peer: Peer, req: p.Load) -> None:
-        self._known(req.model)
+        self.service.servable(req.model)
         self._track(peer, req.id, "load")
         progress = self._load_progress(peer, req.id, req.model)
-        self._in_thread(peer, req.id, lambda: self.residency.acquire(req.model, progress, req.keep_alive))
+        self._in_thread(peer, req.id, lambda: self.service.load(req.model, req.keep_alive, progress))
 
     def _pin(self, peer: Peer, req: p.Pin) -> None:
-        self._known(req.model)
         if not req.pin:
-            self.residency.pin(req.model, False)
+            self.service.pin(req.model, False)
             self._reply(peer, req.id, encode_event(req.id, "ok"))
             return
+        self.service.servable(req.model)
         self._track(peer, req.id, "pin")
         progress = self._load_progress(peer, req.id, req.model)
-        self._in_thread(peer, req.id, lambda: self.residency.pin(req.model, True, progress))
+        self._in_thread(peer, req.id, lambda: self.service.pin(req.model, True, progress))
 
     def _in_thread(self, peer: Peer, rid: str, work: Callable[[], Any]) -> None:
         """Run a blocking op (waiting for a load) off the loop; answer ``ok`` or its error."""
@@ -539,26 +500,11 @@ class Server:
 
     # -- listeners (any thread) -------------------------------------------------------
     def _on_model_change(self, entry: ModelEntry) -> None:
-        self._post(_Out(None, None, None, broadcast=("model", {"model": _wire_safe(entry.to_wire())})))
+        self._post(_Out(None, None, None, broadcast=("model", {"model": wire_safe(entry.to_wire())})))
 
     def _on_load_progress(self, model: str, part: str, fraction: float) -> None:
         fields = {"kind": "load", "model": model, "stage": "load", "part": part, "fraction": round(float(fraction), 4)}
         self._post(_Out(None, None, None, broadcast=("progress", fields)))
-
-    # -- helpers --------------------------------------------------------------------
-    def _model_record(self, entry: ModelEntry) -> dict[str, Any]:
-        record = _wire_safe(entry.to_wire())
-        if self.residency.is_loaded(entry.name):
-            record["state"] = "loaded"
-        elif record["state"] == "loaded":
-            record["state"] = "ready"
-        return record
-
-    def _known(self, name: str) -> None:
-        if self.registry.get(name) is None:
-            known = ", ".join(e.name for e in self.registry.all()) or "none yet"
-            raise AnemllError(f"no model named {name!r}", f"models: {known}", code="not_found")
-
 
 # -- module helpers ------------------------------------------------------------------
 
@@ -587,30 +533,25 @@ class _TokenBatch:
         return fields
 
 
-def _sampling(req: p.Generate):
-    from anemlld.runtime.sampling import SamplingParams
+class _SocketSink:
+    """A generation's events as frames to its client, tokens batched by the stream interval."""
 
-    names = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-    given = {k: getattr(req, k) for k in names if getattr(req, k) is not None}
-    try:
-        return SamplingParams(stop=tuple(req.stop), **given)
-    except AnemllError as e:
-        raise ProtocolError("bad_request", e.message, req.id, e.hint) from None
+    def __init__(self, server: Server, peer: Peer, rid: str, model: str):
+        self.server, self.peer, self.rid = server, peer, rid
+        self.batch = _TokenBatch(server.stream_interval)
+        self.progress = server._load_progress(peer, rid, model)
 
+    def token(self, text: str, token_ids: list[int]) -> None:
+        if self.batch.add(text, token_ids):
+            self.server._emit(self.peer, self.rid, "token", **self.batch.take())
 
-def _zero_stats(load_ms: float = 0.0) -> dict[str, Any]:
-    stats: dict[str, Any] = {k: 0 for k in p.GENERATE_STATS}
-    stats.update(prefill_ms=0.0, decode_ms=0.0, tokens_per_s=0.0, load_ms=round(load_ms, 2))
-    return stats
+    def done(self, fields: dict[str, Any]) -> None:
+        if self.batch.pending:
+            self.server._emit(self.peer, self.rid, "token", **self.batch.take())
+        self.server._emit(self.peer, self.rid, "done", **fields)
 
-
-def _done_fields(stats: Any, load_ms: float) -> dict[str, Any]:
-    values = stats.as_dict() if hasattr(stats, "as_dict") else dataclasses.asdict(stats)
-    fields = {**_zero_stats(), **values}
-    reason = fields.pop("done_reason", "") or "stop"
-    fields["done_reason"] = reason if reason in p.DONE_REASONS else "stop"
-    fields["load_ms"] = round(load_ms, 2)
-    return _wire_safe(fields)
+    def error(self, error: AnemllError) -> None:
+        self.server._emit_error(self.peer, self.rid, error)
 
 
 def _error_frame(rid: str, error: AnemllError) -> bytes:
@@ -619,45 +560,6 @@ def _error_frame(rid: str, error: AnemllError) -> bytes:
         code = "bad_request" if code == "bad_input" else "model_failed"
     extra = error.fields if isinstance(error, ProtocolError) else {}
     return encode_error(rid, code, error.message, error.hint, **extra)
-
-
-def _call_jobs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Jobs' own errors as wire errors: what does not exist is not_found, what
-    cannot work is bad_request."""
-    try:
-        return method(*args, **kwargs)
-    except AnemllError:
-        raise
-    except (FileNotFoundError, KeyError, LookupError) as e:
-        raise AnemllError(str(e).strip("'\""), "check the name or path", code="not_found") from None
-    except (ValueError, NotADirectoryError) as e:
-        raise AnemllError(str(e), "check the request", code="bad_request") from None
-
-
-def _job_reply(result: Any, name: str | None) -> dict[str, Any]:
-    if isinstance(result, Mapping):
-        return _wire_safe({"job": result.get("job", result.get("id")), "name": result.get("name", name)})
-    if isinstance(result, int) and not isinstance(result, bool):
-        return {"job": result, "name": name}
-    if result is not None:
-        return _wire_safe({"job": getattr(result, "job", getattr(result, "id", None)),
-                           "name": getattr(result, "name", name)})
-    return {"job": None, "name": name}
-
-
-def _wire_safe(value: Any) -> Any:
-    """Plain msgpack types: paths as str, records and tuples as maps and lists."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _wire_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_wire_safe(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if value is None or isinstance(value, (str, int, float, bool, bytes)):
-        return value
-    return str(value)
 
 
 def _peek_id(frame: bytes) -> str | None:

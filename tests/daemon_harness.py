@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, settings_toml: str = ""):
+    def __init__(self, home: Path, settings_toml: str = "", http_toml: str = ""):
+        """``http_toml``: lines for the [http] table (a free port unless it says otherwise)."""
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         (home / "settings.toml").write_text(
-            'settle_seconds = 0.5\nrescan_seconds = 0.5\nlog_level = "debug"\n' + settings_toml)
+            'settle_seconds = 0.5\nrescan_seconds = 0.5\nlog_level = "debug"\n' + settings_toml
+            + '\n[http]\n' + (http_toml or 'bind = "127.0.0.1:0"\n'))
         self.settings = Settings.load(home=home)
         self.proc: subprocess.Popen | None = None
 
@@ -45,6 +47,12 @@ class DaemonProcess:
                     pass
             time.sleep(0.2)
         raise RuntimeError(f"daemon did not answer in {timeout} s: {self.stderr()[-2000:]}")
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP base URL the daemon bound, from its ``hello``."""
+        with Client(self.settings, timeout=5.0) as c:
+            return c.request(protocol.Hello).data.get("http")
 
     def stderr(self) -> str:
         return (self.home / "daemon.stderr").read_text(errors="replace")

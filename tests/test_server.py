@@ -19,6 +19,7 @@ import zmq
 from anemlld.registry import Registry
 from anemlld.residency import Residency
 from anemlld.server import Server
+from anemlld.service import Service
 from shared import protocol as p
 from shared.errors import AnemllError
 from shared.settings import Settings
@@ -70,7 +71,8 @@ class Daemon:
     def __init__(self, settings: Settings, registry: Registry, loader, jobs=None, stream_interval: float = 0.0):
         self.settings, self.registry, self.loader = settings, registry, loader
         self.residency = Residency(settings, registry, loader)
-        self.server = Server(settings, registry, self.residency, jobs, stream_interval=stream_interval)
+        self.service = Service(settings, registry, self.residency, jobs)
+        self.server = Server(self.service, stream_interval=stream_interval)
         self.server.bind()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -139,7 +141,7 @@ def test_the_socket_is_owner_only_and_a_second_daemon_is_refused(start):
     path = d.settings.socket_path
     assert stat.S_ISSOCK(path.lstat().st_mode) and stat.S_IMODE(path.lstat().st_mode) == 0o600
     assert stat.S_IMODE(d.settings.runtime_dir.stat().st_mode) == 0o700
-    second = Server(d.settings, d.registry, d.residency)
+    second = Server(Service(d.settings, d.registry, d.residency))
     with pytest.raises(AnemllError, match="already serving"):
         second.bind()
     second.close()
@@ -275,7 +277,7 @@ def test_the_stream_interval_comes_from_the_settings(start):
     d = start()
     for seconds in (0.0, 0.02):
         settings = dataclasses.replace(d.settings, stream_interval_seconds=seconds)
-        server = Server(settings, d.registry, d.residency)
+        server = Server(Service(settings, d.registry, d.residency))
         server.close()
         assert server.stream_interval == seconds
 
