@@ -38,6 +38,9 @@ def list_resident(conn: Connection, out: TextIO, json_out: JsonOut) -> int:
         out.write("\n".join(render.ps_lines(event["ps"], render.Style.for_stream(out))) + "\n")
     else:
         out.write("no models are loaded\n")
+    http = conn.hello.get("http") if conn.hello is not None and not json_out else None
+    if http:
+        out.write(f"HTTP: {http} (OpenAI at {http}/v1, Ollama at {http})\n")
     return 0
 
 

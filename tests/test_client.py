@@ -78,6 +78,7 @@ class FakeDaemon:
     generate_error: dict | None = None  # answer every generate with this error
     protocol: int = p.PROTOCOL_VERSION  # another number: answer everything unsupported_version
     mute: threading.Event = field(default_factory=threading.Event)  # set: hear nothing, say nothing (hung)
+    http: str | None = None  # the HTTP base URL hello reports
 
     def __post_init__(self) -> None:
         self.requests: list[p.Request] = []
@@ -138,7 +139,7 @@ class FakeDaemon:
         send = lambda event, **f: self._send(sock, peer, req.id, event, **f)  # noqa: E731
         if isinstance(req, p.Hello):
             send("hello", server="anemlld", version="0.1.0", protocol=p.PROTOCOL_VERSION,
-                 capabilities=list(p.REQUESTS), max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES)
+                 capabilities=list(p.REQUESTS), max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES, http=self.http)
         elif isinstance(req, p.Models):
             send("models", models=self.models)
         elif isinstance(req, p.Ps):
@@ -349,6 +350,12 @@ def test_ps_shows_resident_models_and_when_they_expire(home):
 def test_ps_with_nothing_loaded_says_so(home):
     with daemon(home):
         assert chat(home, "--ps").stdout == "no models are loaded\n"
+
+
+def test_ps_names_the_http_address_the_daemon_serves(home):
+    with daemon(home, http="http://127.0.0.1:11435"):
+        assert chat(home, "--ps").stdout.splitlines()[-1] == (
+            "HTTP: http://127.0.0.1:11435 (OpenAI at http://127.0.0.1:11435/v1, Ollama at http://127.0.0.1:11435)")
 
 
 def test_jobs_shows_each_job_with_its_progress_and_no_bars_when_not_a_tty(home):
