@@ -21,28 +21,36 @@ refused with ``busy``) until the model is unloaded. Concurrent first requests
 therefore load a model once: the others wait in its queue. A reaper thread unloads
 models whose keep_alive has run out. One lock guards every table here; the
 registry and callers' callbacks are never called while holding it.
+
+Each resident model also keeps the KV states of its past requests for prefix
+reuse (anemlld/runtime/prefix_cache.py has its rule), within
+``settings.prefix_cache_states`` and ``settings.prefix_cache_bytes``; they go
+when the model goes.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from anemlld import layout
 from anemlld.listeners import Listeners
 from anemlld.registry import ModelEntry, Registry
+from anemlld.runtime.prefix_cache import PrefixCache
+from anemlld.runtime.sampling import SamplingParams
 from shared.errors import AnemllError
 from shared.settings import Settings, format_duration
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 16  # KV caches kept per resident model; the least recently used goes first
 SERVABLE = ("ready", "loaded")
+SAMPLING_OPTIONS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 ProgressFn = Callable[[str, float], None]  # (part, fraction 0..1) while a model loads
 Loader = Callable[..., Any]  # loader(entry) or loader(entry, progress=ProgressFn) -> engine
@@ -68,10 +76,10 @@ class _Work:
 
 class ResidentModel:
     """A model in memory (or being loaded) and its worker's queue. ``engine``,
-    the sessions and ``load_ms`` are for the code running on its worker."""
+    the prefix cache and ``load_ms`` are for the code running on its worker."""
 
     def __init__(self, entry: ModelEntry, size_bytes: int, pinned: bool, keep_alive: float,
-                 lock: threading.Lock, max_sessions: int = MAX_SESSIONS):
+                 lock: threading.Lock, cache_states: int = 8, cache_bytes: int = 2 << 30):
         self.name = entry.name
         self.entry = entry
         self.size_bytes = size_bytes
@@ -89,26 +97,40 @@ class ResidentModel:
         self.wakeup = threading.Condition(lock)
         self.progress_listeners: list[ProgressFn] = []
         self.thread: threading.Thread | None = None
-        self._sessions: OrderedDict[str, Any] = OrderedDict()
-        self._max_sessions = max_sessions
+        self._cache_bounds = (cache_states, cache_bytes)
+        self._cache: PrefixCache | None = None  # made with the first request, dropped with the engine
 
     # -- on the worker -------------------------------------------------------
-    def session(self, session_id: str) -> Any:
-        """The engine session for ``session_id``, made on first use (LRU-bounded)."""
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            session = self.engine.new_session()
-        self._sessions[session_id] = session
-        while len(self._sessions) > self._max_sessions:
-            self._sessions.popitem(last=False)
-        return session
-
-    def drop_session(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+    def generate(self, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 options: Mapping[str, Any] | None = None, session_id: str | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Any]:
+        """Run one request on this model: sampling params = engine.sampling_defaults overlaid with
+        ``options`` (keys: max_tokens, temperature, top_k, top_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed, stop (tuple of str)); the KV state from the prefix cache; the state
+        goes back afterwards (dropped on an exception). Raises AnemllError(code="bad_request") for
+        an invalid option combination (SamplingParams' BadInput). Yields the engine's ``Token``
+        events and one ``Done``."""
+        engine = self.engine
+        params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
+        ids = engine.encode(prompt, messages)
+        cache = self._prefix_cache()
+        session = cache.take(ids, session_id)
+        # An exception (or the consumer closing us) skips the put: the state may
+        # hold half a request, and a fresh one costs only a prefill.
+        yield from engine.generate(ids=ids, params=params, session=session, cancel=cancel)
+        cache.put(session, session_id)
 
     @property
-    def session_count(self) -> int:
-        return len(self._sessions)
+    def cache_count(self) -> int:
+        """KV states the prefix cache holds."""
+        return len(self._cache) if self._cache is not None else 0
+
+    def _prefix_cache(self) -> PrefixCache:
+        if self._cache is None:
+            states, size = self._cache_bounds
+            self._cache = PrefixCache(self.engine.new_session, states, size,
+                                      getattr(self.engine, "state_bytes", None))
+        return self._cache
 
     # -- policy (read under the residency lock) --------------------------------
     @property
@@ -149,12 +171,10 @@ class Ticket:
 
 
 class Residency:
-    def __init__(self, settings: Settings, registry: Registry, loader: Loader = default_loader,
-                 max_sessions: int = MAX_SESSIONS):
+    def __init__(self, settings: Settings, registry: Registry, loader: Loader = default_loader):
         self.settings = settings
         self.registry = registry
         self.loader = loader
-        self.max_sessions = max_sessions
         self._loader_takes_progress = _takes_progress(loader)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # wakes the reaper
@@ -300,7 +320,8 @@ class Residency:
             return model, False, []
         victims = self._make_room(size, entry.name)
         pinned = self._pin_override.get(entry.name, entry.pin)
-        model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock, self.max_sessions)
+        model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock,
+                              self.settings.prefix_cache_states, self.settings.prefix_cache_bytes)
         model.thread = threading.Thread(target=self._worker, args=(model,), name=f"model-{entry.name}",
                                         daemon=True)
         self._models[entry.name] = model
@@ -371,7 +392,7 @@ class Residency:
             if model.engine is None:
                 return
             engine, model.engine = model.engine, None
-            model._sessions.clear()
+            model._cache = None
             model.state = "unloaded"
             queued = list(model.queue)
             model.queue.clear()
@@ -531,6 +552,22 @@ def _takes_progress(loader: Loader) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == "progress" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def sampling_params(defaults: Mapping[str, Any], options: Mapping[str, Any]) -> SamplingParams:
+    """A request's sampling: its options over the model's defaults over SamplingParams'."""
+    given = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    if "stop" in given:
+        given["stop"] = tuple(given["stop"])
+    unknown = sorted(set(given) - SAMPLING_OPTIONS)
+    if unknown:
+        raise AnemllError(f"unknown sampling option {', '.join(unknown)}",
+                          f"use only {', '.join(sorted(SAMPLING_OPTIONS))}", code="bad_request")
+    try:
+        return SamplingParams(**given)
+    except TypeError as e:  # a comparison in the checks met a value of the wrong type
+        raise AnemllError(f"a sampling option has the wrong type ({e})", "send numbers for numeric options",
+                          code="bad_request") from None
 
 
 def _safe_fail(work: _Work, error: AnemllError) -> None:

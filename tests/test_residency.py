@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from anemlld.registry import Registry
-from anemlld.residency import MAX_SESSIONS, Residency
+from anemlld.residency import Residency
 from anemlld.runtime.engine import Done, Session, Stats, Token
+from anemlld.runtime.prefix_cache import reusable
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import AnemllError
 from shared.settings import Settings
@@ -22,34 +23,49 @@ from shared.settings import Settings
 
 class FakeEngine:
     """Deterministic tokens ("<model>:<prompt>:<i> ") with a small sleep each,
-    so streams can be interleaved, queued and cancelled on purpose."""
+    so streams can be interleaved, queued and cancelled on purpose. A prompt's
+    words are its tokens (of a chat, the last message's), and a session keeps
+    the prompt, so the prefix cache works on it as on the real engine's.
+    "boom" fails while generating; "refuse" is refused as it is encoded."""
 
     ctx = 64
 
     def __init__(self, name: str, delay: float = 0.005):
         self.name, self.delay = name, delay
+        self.sampling_defaults: dict = {}
+        self.state_bytes: int | None = None
         self.cancelled = threading.Event()
         self.active = 0
         self.max_active = 0
+        self.sessions: list[Session] = []  # every state it made, in order
         self._count = threading.Lock()
+        self._words: dict[str, int] = {}
 
     def new_session(self) -> Session:
-        return Session(state=None)
+        self.sessions.append(Session(state=None))
+        return self.sessions[-1]
 
-    def generate(self, prompt=None, messages=None, params=None, session=None, cancel=None):
-        params = params or SamplingParams()
+    def encode(self, prompt=None, messages=None) -> list[int]:
         text = prompt if prompt is not None else messages[-1]["content"]
-        if text == "boom":
-            raise RuntimeError("the fake engine exploded")
         if text == "refuse":
             raise AnemllError("this model has no chat template", "send a plain prompt", code="bad_request")
+        return [self._words.setdefault(word, len(self._words)) for word in text.split()]
+
+    def generate(self, prompt=None, messages=None, params=None, session=None, cancel=None, *, ids=None):
+        params = params or SamplingParams()
+        ids = self.encode(prompt, messages) if ids is None else ids
+        words = {i: w for w, i in self._words.items()}
+        text = " ".join(words[i] for i in ids)
+        if text == "boom":
+            raise RuntimeError("the fake engine exploded")
         with self._count:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            cached = len(session.tokens) if session is not None else 0
+            cached = 0
             if session is not None:
-                session.tokens.append(len(session.tokens))
+                cached = max(0, reusable(session.tokens, ids))
+                session.tokens = list(ids)
             pieces, reason = [], "length"
             t0 = time.perf_counter()
             for i in range(params.max_tokens):
@@ -63,8 +79,8 @@ class FakeEngine:
                 yield Token(piece, [i])
             ms = (time.perf_counter() - t0) * 1000
             yield Done("".join(pieces), list(range(len(pieces))),
-                       Stats(prompt_tokens=len(text.split()), cached_tokens=cached, completion_tokens=len(pieces),
-                             prefill_tokens=len(text.split()) - cached, decode_ms=ms, done_reason=reason,
+                       Stats(prompt_tokens=len(ids), cached_tokens=cached, completion_tokens=len(pieces),
+                             prefill_tokens=len(ids) - cached, decode_ms=ms, done_reason=reason,
                              tokens_per_s=len(pieces) / (ms / 1000) if ms else 0.0))
         finally:
             with self._count:
@@ -131,7 +147,7 @@ class Recorder:
         self.load_ms = load_ms
         if self.gate is not None:
             self.gate.wait(5)
-        for event in model.engine.generate(prompt=self.prompt, params=SamplingParams(max_tokens=self.max_tokens)):
+        for event in model.generate(prompt=self.prompt, options={"max_tokens": self.max_tokens}):
             if isinstance(event, Token):
                 self.texts.append(event.text)
         self.done.set()
@@ -330,17 +346,85 @@ def test_ps_counts_requests_and_size_falls_back_to_the_folder(make, tmp_path):
     assert ps["requests"] == 2 and ps["size_bytes"] == 1234 and ps["name"] == "a"
 
 
-def test_sessions_are_kept_per_model_least_recently_used_first_and_dropped_on_unload(make):
+def answer(model, prompt: str, options=None, **kw) -> Done:
+    """Run one request on ``model`` here (the test is its only user); the Done."""
+    *_, done = model.generate(prompt=prompt, options={"max_tokens": 1} if options is None else options, **kw)
+    return done
+
+
+def test_any_request_reuses_the_longest_prefix_any_earlier_one_left_with_or_without_a_session(make):
     residency, _ = make()
     model = residency.acquire("a")
-    first = model.session("s0")
-    for i in range(1, MAX_SESSIONS + 1):
-        model.session(f"s{i}")
-    assert model.session_count == MAX_SESSIONS
-    assert model.session(f"s{MAX_SESSIONS}") is model.session(f"s{MAX_SESSIONS}")
-    assert model.session("s0") is not first  # the oldest was dropped
+    assert answer(model, "once upon a time").stats.cached_tokens == 0
+    assert answer(model, "the end").stats.cached_tokens == 0
+    second = answer(model, "once upon a hill", session_id="s1")
+    assert (second.stats.cached_tokens, second.stats.prefill_tokens) == (3, 1)
+    assert answer(model, "the end is near").stats.cached_tokens == 2
+    assert model.cache_count == 2 and len(model.engine.sessions) == 2  # states reused, none made on a hit
+
+
+def test_the_prefix_cache_keeps_at_most_its_count_least_recently_used_out_first(make):
+    residency, _ = make(prefix_cache_states=2)
+    model = residency.acquire("a")
+    for prompt in ("red fox", "blue sky", "green tea"):
+        answer(model, prompt)
+    assert model.cache_count == 2
+    assert len(model.engine.sessions) == 2  # full: the third overwrote the stalest state instead of a new one
+    assert answer(model, "red fox").stats.cached_tokens == 0  # the oldest went
+    assert answer(model, "green tea").stats.cached_tokens == 1
+
+
+def test_the_prefix_cache_keeps_at_most_its_bytes(make):
+    loader = FakeLoader()
+    residency, _ = make(loader=loader, prefix_cache_bytes=250)
+    model = residency.acquire("a")
+    loader.engines["a"].state_bytes = 100  # as if the layout said so: room for two
+    for prompt in ("red fox", "blue sky", "green tea"):
+        answer(model, prompt)
+    assert model.cache_count == 2
+    assert answer(model, "red fox").stats.cached_tokens == 0
+
+
+def test_a_prefix_cache_of_0_states_gives_every_request_a_fresh_state(make):
+    residency, _ = make(prefix_cache_states=0)
+    model = residency.acquire("a")
+    for _ in range(3):
+        assert answer(model, "once upon", session_id="s1").stats.cached_tokens == 0
+    assert model.cache_count == 0 and len(model.engine.sessions) == 3
+
+
+def test_a_request_that_fails_drops_its_state_and_the_next_one_starts_clean(make):
+    residency, _ = make()
+    model = residency.acquire("a")
+    answer(model, "once upon")
+    with pytest.raises(RuntimeError, match="exploded"):
+        answer(model, "boom")
+    assert model.cache_count == 1
+    with pytest.raises(AnemllError):  # refused before any state is taken
+        answer(model, "refuse")
+    assert model.cache_count == 1 and answer(model, "once upon").stats.cached_tokens == 1
+
+
+def test_unloading_drops_the_prefix_cache(make):
+    residency, _ = make()
+    model = residency.acquire("a")
+    answer(model, "once upon")
+    assert model.cache_count == 1
     residency.unload("a")
-    assert model.session_count == 0
+    assert model.cache_count == 0
+
+
+def test_options_override_the_models_defaults_and_invalid_ones_are_bad_requests(make):
+    loader = FakeLoader(token_delay=0)
+    residency, _ = make(loader=loader)
+    model = residency.acquire("a")
+    loader.engines["a"].sampling_defaults = {"max_tokens": 2, "temperature": 0.0}
+    assert answer(model, "hi", options={}).stats.completion_tokens == 2
+    assert answer(model, "hi", options={"max_tokens": 4, "seed": None}).stats.completion_tokens == 4
+    for bad in ({"temperature": -1}, {"presence_penalty": 3}, {"top_k": "many"}, {"beam_width": 2}):
+        with pytest.raises(AnemllError) as info:
+            answer(model, "hi", options=bad)
+        assert info.value.code == "bad_request", bad
 
 
 def test_a_pinned_model_that_becomes_ready_is_loaded_and_preload_loads_pinned_ones(make):

@@ -3,9 +3,11 @@
 It owns the tokenizer and chat template, prefill (full batches through
 ``prefill``, the remainder one token at a time through ``infer``, so nothing
 is ever padded into the cache), decoding, sampling, stopping, incremental
-detokenization, sessions (a KV state plus the tokens it holds, so a follow-up
-turn prefills only what is new), the context window, cancellation and
-per-request statistics.
+detokenization, reuse of a session's cached prefix (a KV state plus the
+tokens it holds, so a follow-up turn prefills only what is new; which state a
+request gets is the prefix cache's choice), the context window, cancellation,
+per-request statistics, and what the model folder says about sampling
+(``generation_config.json``) and the size of one KV state.
 
 Context window: a prompt that leaves fewer than ``reserve`` free positions
 (``min(max_tokens, context_length // 4)``) is cut from the front, keeping a
@@ -19,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,6 +30,7 @@ import numpy as np
 from anemlld.layout import Layout, read_meta
 from anemlld.runtime import executors
 from anemlld.runtime.executors import INFER, PREFILL
+from anemlld.runtime.prefix_cache import Session, reusable
 from anemlld.runtime.sampling import Sampler, SamplingParams
 from shared.errors import AnemllError, BadInput
 
@@ -63,14 +66,6 @@ class Done:
     text: str
     token_ids: list[int]
     stats: Stats
-
-
-@dataclass
-class Session:
-    """A KV-cache state and the tokens whose K/V it holds (positions 0..n-1)."""
-
-    state: Any
-    tokens: list[int] = field(default_factory=list)
 
 
 class Detokenizer:
@@ -159,6 +154,60 @@ def eos_ids(folder: Path, tokenizer) -> set[int]:
     return ids
 
 
+def sampling_defaults(folder: Path) -> dict[str, Any]:
+    """The ``SamplingParams`` fields that ``generation_config.json`` sets, read
+    as transformers reads it: without ``do_sample: true`` generation is greedy
+    whatever temperature the file names (and with it and no temperature, 1.0).
+    Only what the file has; values SamplingParams refuses are left out, with a
+    warning."""
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return {}
+    if not isinstance(config, dict):
+        log.warning("ignoring %s: not a JSON object", path)
+        return {}
+    found: dict[str, Any] = {"temperature": config.get("temperature", 1.0) if config.get("do_sample") is True
+                             else 0.0}
+    for ours, theirs in (("top_k", "top_k"), ("top_p", "top_p"), ("repetition_penalty", "repetition_penalty"),
+                         ("max_tokens", "max_new_tokens")):
+        if config.get(theirs) is not None:
+            found[ours] = config[theirs]
+    defaults = {}
+    for key, value in found.items():
+        whole = key in ("top_k", "max_tokens")
+        try:
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                raise TypeError
+            SamplingParams(**{key: value})
+        except (TypeError, BadInput):
+            log.warning("ignoring %s = %r in %s: not a valid %s", key, value, path, key)
+            continue
+        defaults[key] = value if whole else float(value)
+    return defaults
+
+
+def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
+    """Bytes of one KV state, from the shape every converted model shares,
+    ``(2 * layers, kv_heads, state_length, head_dim)`` in fp16; None if the
+    folder's config.json does not say."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        config = config.get("text_config", config)
+        heads = int(config["num_attention_heads"])
+        layers = int(config["num_hidden_layers"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        length = int(layout.params.get("state_length", layout.context_length))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
+        return None
+    return 2 * layers * kv_heads * length * head_dim * 2
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, executor: str = "auto",
                  progress: Callable[[str, float], None] | None = None, **executor_options: Any):
@@ -169,6 +218,8 @@ class Engine:
         tok_dir = root / str(self.layout.params.get("tokenizer_path", "."))
         self.tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else root)
         self.eos = eos_ids(root, self.tokenizer)
+        self.sampling_defaults: dict[str, Any] = sampling_defaults(root)  # a request's options override these
+        self.state_bytes: int | None = kv_state_bytes(root, self.layout)
         self.executor = executors.load(self.layout, executor, progress=progress, **executor_options)
         self.ctx = self.layout.context_length
         self.batch = self.layout.batch_size
@@ -230,13 +281,9 @@ class Engine:
 
     def _reuse(self, session: Session, ids: list[int]) -> int:
         """Keep the longest cached prefix of ``ids`` (at least one token is
-        always run, for its logits); returns how many are reused."""
-        n = 0
-        for a, c in zip(session.tokens, ids):
-            if a != c:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
+        always run, for its logits); returns how many are reused. The K/V past
+        it stay in the state but are masked until overwritten."""
+        n = max(0, reusable(session.tokens, ids))
         del session.tokens[n:]
         return n
 
@@ -262,12 +309,15 @@ class Engine:
     # --- generation ---------------------------------------------------------
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[Token | Done]:
-        """Stream ``Token`` events, then one ``Done`` with the statistics."""
+                 cancel: threading.Event | None = None, *, ids: list[int] | None = None) -> Iterator[Token | Done]:
+        """Stream ``Token`` events, then one ``Done`` with the statistics.
+        ``ids`` is the prompt already encoded (instead of prompt/messages).
+        Afterwards ``session`` holds the prompt and the answer, but for the
+        last token sampled, which was never run."""
         params = params or SamplingParams()
         session = session or self.new_session()
         stats = Stats()
-        ids = self.encode(prompt, messages)
+        ids = list(ids) if ids is not None else self.encode(prompt, messages)
         stats.prompt_tokens = len(ids)
         ids, stats.truncated_tokens = self._fit(ids, params)
         if stats.truncated_tokens:
@@ -283,7 +333,7 @@ class Engine:
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
-            token = sampler(logits, session.tokens)
+            token = sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break

@@ -1,8 +1,11 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p,
-repetition penalty, seeded. Works on one float32 logits vector."""
+repetition penalty (over the whole context), presence and frequency penalties
+(OpenAI's, over the tokens generated so far in this answer), seeded. Works on
+one float32 logits vector."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -16,6 +19,8 @@ class SamplingParams:
     top_k: int = 0            # 0 is off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0   # subtracted once from every token already in the answer
+    frequency_penalty: float = 0.0  # subtracted per time a token is already in the answer
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -26,6 +31,8 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be above 0 (1 is off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -37,7 +44,9 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, context: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, context: Sequence[int], generated: Sequence[int] = ()) -> int:
+        """The next token. ``context`` is every token before it (prompt and
+        answer), ``generated`` the answer's tokens so far."""
         p = self.params
         logits = logits.astype(np.float64, copy=True)
         if p.repetition_penalty != 1.0 and context:
@@ -45,6 +54,10 @@ class Sampler:
             seen = seen[seen < logits.shape[0]]
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            inside = ids < logits.shape[0]
+            logits[ids[inside]] -= p.frequency_penalty * counts[inside] + p.presence_penalty
         if p.temperature == 0:
             return int(np.argmax(logits))
         logits /= p.temperature
