@@ -300,18 +300,27 @@ def start(service: Any, req: Any) -> EventStream:
 
 
 async def first_events(request: Request, stream: EventStream) -> Events:
-    """The first events of a stream, or [] after KEEPALIVE_S (start the
-    response then, with a keep-alive). Waiting for them first lets an early
-    error (the model failed to load) still get its own status code."""
+    """The events up to the first token, `done` or error, or what came within
+    KEEPALIVE_S (load progress, or nothing): start the response then, with a
+    keep-alive. Waiting for them first lets an early error (the model failed
+    to load) still get its own status code."""
     gone = asyncio.ensure_future(_disconnected(request))
-    events = asyncio.ensure_future(stream.next(KEEPALIVE_S))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + KEEPALIVE_S
+    got: Events = []
     try:
-        finished, _ = await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if events not in finished:
-            events.cancel()
-            stream.cancel()
-            raise ClientGone()
-        return events.result()
+        while not any(kind != "progress" for kind, *_ in got):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            events = asyncio.ensure_future(stream.next(left))
+            finished, _ = await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if events not in finished:
+                events.cancel()
+                stream.cancel()
+                raise ClientGone()
+            got += events.result()
+        return got
     finally:
         gone.cancel()
 
@@ -360,6 +369,12 @@ async def collect(request: Request, stream: EventStream, first: Events) -> tuple
     if not stream.finished:
         await until_finished(request, stream, take)
     return "".join(parts), done
+
+
+def progress_of(events: Events) -> str:
+    """The last load progress in ``events`` as text ("" if none), for a comment line."""
+    last = next((rest for kind, *rest in reversed(events) if kind == "progress"), None)
+    return f"loading {last[0] or 'the model'} {last[1] * 100:.0f}%" if last else ""
 
 
 def text_of(events: Events) -> str:

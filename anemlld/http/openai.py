@@ -149,8 +149,8 @@ class OpenAI:
         """Server-Sent Events exactly as OpenAI sends them."""
         started = False
         async for events in batches:
-            if not events:
-                yield b": keep-alive\n\n"
+            if not any(kind != "progress" for kind, *_ in events):
+                yield f": {bridge.progress_of(events) or 'keep-alive'}\n\n".encode()
                 continue
             if not started:
                 started = True
