@@ -3,6 +3,7 @@ against the ANE-shaped torch model and transformers."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from anemlld.convert import lut, pipeline
 from anemlld.convert.source import HFSource
-from anemlld.runtime.engine import Detokenizer, Done, Engine, Token
+from anemlld.residency import ResidentModel
+from anemlld.runtime.engine import Detokenizer, Done, Engine, Token, sampling_defaults
 from anemlld.runtime.sampling import Sampler, SamplingParams
 from shared.errors import BadInput
 from shared.options import ConvertOptions
@@ -163,6 +165,100 @@ def test_repetition_penalty_and_sampler_distribution():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_tokens=0)):
         with pytest.raises(BadInput):
             SamplingParams(**bad)
+
+
+def test_presence_and_frequency_penalties_subtract_per_answer_token_not_per_prompt_token():
+    logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    s = Sampler(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    after = s.penalized(logits, context=[0, 0, 1, 2, 3], generated=[3, 3, 3, 1])
+    # token 3 three times: 4 - 3*0.25 - 0.5; token 1 once: 2 - 0.25 - 0.5; the prompt's 0 and 2 untouched
+    assert after.tolist() == [1.0, 1.25, 3.0, 2.75]
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-2.01)):
+        with pytest.raises(BadInput):
+            SamplingParams(**bad)
+    assert SamplingParams(presence_penalty=-2, frequency_penalty=2).frequency_penalty == 2
+
+
+def test_a_frequency_penalty_changes_a_greedy_choice_only_once_the_token_repeats_in_the_answer():
+    logits = np.array([5.0, 4.5, 0.0])
+    s = Sampler(SamplingParams(frequency_penalty=0.3))
+    assert s(logits, [0, 0, 0], []) == 0  # the prompt does not count
+    assert s(logits, [0], [0]) == 0       # 5 - 0.3 still beats 4.5
+    assert s(logits, [0, 0], [0, 0]) == 1  # 5 - 0.6 does not
+    assert Sampler(SamplingParams())(logits, [0, 0], [0, 0]) == 0
+
+
+def test_generation_config_gives_defaults_the_way_transformers_reads_it(pico, tmp_path, caplog):
+    assert Engine(pico, executor="portable", warmup=False).sampling_defaults == {"temperature": 0.0,
+                                                                                 "max_tokens": 128}
+    cases = [
+        ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.0, "top_p": 0.9}),  # no do_sample: greedy
+        ({"do_sample": True, "temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1},
+         {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}),
+        ({"do_sample": True}, {"temperature": 1.0}),
+        ({"do_sample": True, "temperature": -1, "top_p": 0, "top_k": 2.5, "max_new_tokens": True},
+         {}),
+    ]
+    for config, want in cases:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+        with caplog.at_level(logging.WARNING, logger="anemlld.runtime.engine"):
+            assert sampling_defaults(tmp_path) == want, config
+    assert sum("ignoring" in r.getMessage() for r in caplog.records) == 4
+    (tmp_path / "generation_config.json").unlink()
+    assert sampling_defaults(tmp_path) == {}
+
+
+def test_state_bytes_from_the_layout_is_what_the_portable_state_takes(engine):
+    state = engine.new_session().state
+    assert engine.state_bytes == sum(t.nbytes for t in state.values()) == 2 * 4 * 2 * CTX * 32 * 2
+
+
+def test_after_an_answer_the_state_holds_the_prompt_and_every_answer_token_that_was_run(engine):
+    session = engine.new_session()
+    ids = engine.encode(messages=QUESTION)
+    done = engine.complete(messages=QUESTION, params=SamplingParams(max_tokens=5), session=session)
+    assert done.stats.done_reason == "length"
+    assert session.tokens == ids + done.token_ids[:-1]  # the last one sampled was never run
+
+
+def resident(engine: Engine, **bounds) -> ResidentModel:
+    model = ResidentModel(type("Entry", (), {"name": engine.name})(), 0, False, 0.0, threading.Lock(), **bounds)
+    model.engine = engine
+    return model
+
+
+def run(model: ResidentModel, **kw) -> Done:
+    *_, done = model.generate(options={"max_tokens": 40}, **kw)
+    return done
+
+
+def test_a_stateless_second_chat_turn_prefills_only_what_is_new_and_answers_as_a_fresh_run(engine):
+    model = resident(engine)
+    first = run(model, messages=QUESTION)
+    convo = QUESTION + [{"role": "assistant", "content": first.text},
+                        {"role": "user", "content": "And what does ls do?"}]
+    second = run(model, messages=convo)
+    s = second.stats
+    assert s.cached_tokens >= first.stats.prompt_tokens + len(first.token_ids) - 1, (s, first.stats)
+    assert s.prefill_tokens == s.prompt_tokens - s.cached_tokens
+    fresh = run(resident(engine, cache_states=0), messages=convo)
+    assert fresh.stats.cached_tokens == 0
+    assert second.token_ids == fresh.token_ids and second.text == fresh.text
+
+
+def test_a_hit_that_ends_mid_batch_gives_the_same_greedy_answer_as_no_hit(engine):
+    shared = ("The shell reads a line of input, splits it into words, and looks up the first word as a "
+              "command. Files are organized in a single tree rooted at the slash directory")
+    model = resident(engine)
+    run(model, prompt=shared + ", and every file has an owner.")
+    prompt = shared + ("; a pipe connects the output of one program to the input of the next, so small tools "
+                       "that each do one thing well can be combined into larger ones without writing a new "
+                       "program, and the shell expands wildcards before the command ever sees them")
+    hit = run(model, prompt=prompt, session_id="other")
+    # the rest starts off the batch grid and is long enough to run through prefill as well as infer
+    assert hit.stats.cached_tokens % BATCH and hit.stats.prefill_tokens > BATCH, hit.stats
+    miss = run(resident(engine, cache_states=0), prompt=prompt)
+    assert hit.token_ids == miss.token_ids and miss.stats.cached_tokens == 0
 
 
 def test_detokenizer_never_emits_broken_utf8(engine):

@@ -48,6 +48,14 @@ class Sampler:
         """The next token. ``context`` is every token before it (prompt and
         answer), ``generated`` the answer's tokens so far."""
         p = self.params
+        logits = self.penalized(logits, context, generated)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        return self._draw(logits)
+
+    def penalized(self, logits: np.ndarray, context: Sequence[int], generated: Sequence[int] = ()) -> np.ndarray:
+        """The logits (as float64) after the penalties, before temperature."""
+        p = self.params
         logits = logits.astype(np.float64, copy=True)
         if p.repetition_penalty != 1.0 and context:
             seen = np.unique(np.asarray(context, dtype=np.int64))
@@ -58,8 +66,11 @@ class Sampler:
             ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
             inside = ids < logits.shape[0]
             logits[ids[inside]] -= p.frequency_penalty * counts[inside] + p.presence_penalty
-        if p.temperature == 0:
-            return int(np.argmax(logits))
+        return logits
+
+    def _draw(self, logits: np.ndarray) -> int:
+        """A token at temperature, within top-k and top-p (``logits`` is ours to change)."""
+        p = self.params
         logits /= p.temperature
         if p.top_k and p.top_k < logits.shape[0]:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
