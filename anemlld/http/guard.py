@@ -67,8 +67,8 @@ class LocalOnly:
         host = _host_name(headers.get("host", ""))
         if not self.any_host and host not in self.hosts:
             return await send_error(scope, send, 403, f"Host {headers.get('host', '')!r} is not this machine: "
-                                    "this server answers only requests addressed to localhost or "
-                                    f"{'/'.join(sorted(LOCAL_HOSTS[:3]))} (a guard against DNS rebinding)",
+                                    "this server answers only requests addressed to localhost, 127.0.0.1 "
+                                    "or [::1] (a guard against DNS rebinding)",
                                     "forbidden_host")
         origin = headers.get("origin")
         if origin is not None and not self.allowed_origin(origin):
