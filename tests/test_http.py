@@ -416,3 +416,40 @@ def test_a_client_that_leaves_while_queued_is_taken_out_of_the_queue(api):
     first.join()
     time.sleep(0.3)
     assert a.residency.ps()[0]["requests"] == 1  # the one that left never ran
+
+
+def test_a_body_that_never_finishes_arriving_is_408_and_never_reaches_a_model(api, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(bridge, "BODY_TIMEOUT_S", 0.3)
+    a = api()
+    host, port = a.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": \"pico\", ")
+        reply = b""
+        while b"did not arrive" not in reply and (chunk := s.recv(4096)):
+            reply += chunk
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.3 s" in reply
+    assert a.loader.calls == []
+
+
+def test_a_client_that_stops_reading_its_stream_has_it_cancelled(api, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(bridge, "STALL_S", 0.3)
+    a = api(loader=FakeLoader(token_delay=0.0005))
+    host, port = a.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "pico", "messages": [{"role": "user", "content": "x" * 200}],
+                       "max_tokens": 10_000_000, "stream": True}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once: the server's writes block
+    s.connect((host, int(port)))
+    try:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for(lambda: "pico" in a.loader.engines and a.loader.engines["pico"].cancelled.is_set(), timeout=30,
+                 what="the unread stream cancelled")
+    finally:
+        s.close()

@@ -107,3 +107,21 @@ def test_listings_and_keep_alive_0(served):
     assert olla.ps().models == []
     with Client(served.settings) as c:
         assert c.request(protocol.Ps).data["ps"] == []
+
+
+def test_eight_clients_at_once_each_get_the_answer_they_get_alone(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [[{"role": "user", "content": q}] for q in (
+        "What does ls do?", "What does cp do?", "What does mv do?", "What does rm do?", "What does cat do?",
+        "What does grep do?", "What does pwd do?", "What does mkdir do?")]
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+
+    def ask(messages) -> str:
+        reply = client.chat.completions.create(model="pico", messages=messages, temperature=0, max_tokens=16)
+        return reply.choices[0].message.content
+
+    alone = [ask(m) for m in questions]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone and len(set(alone)) > 1
