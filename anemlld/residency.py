@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from anemlld import layout
 from anemlld.listeners import Listeners
@@ -46,6 +46,9 @@ from anemlld.runtime.prefix_cache import PrefixCache
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import AnemllError
 from shared.settings import Settings, format_duration
+
+if TYPE_CHECKING:
+    from anemlld.runtime.engine import Done, Token
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +106,12 @@ class ResidentModel:
     # -- on the worker -------------------------------------------------------
     def generate(self, *, prompt: str | None = None, messages: list[dict] | None = None,
                  options: Mapping[str, Any] | None = None, session_id: str | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[Any]:
+                 cancel: threading.Event | None = None) -> Iterator[Token | Done]:
         """Run one request on this model: sampling params = engine.sampling_defaults overlaid with
         ``options`` (keys: max_tokens, temperature, top_k, top_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed, stop (tuple of str)); the KV state from the prefix cache; the state
         goes back afterwards (dropped on an exception). Raises AnemllError(code="bad_request") for
-        an invalid option combination (SamplingParams' BadInput). Yields the engine's ``Token``
-        events and one ``Done``."""
+        an invalid option combination (SamplingParams' BadInput)."""
         engine = self.engine
         params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
         ids = engine.encode(prompt, messages)
