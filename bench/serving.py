@@ -77,8 +77,10 @@ class ThroughDaemon:
         self.protocol = protocol
         home.mkdir(parents=True)
         extra = "" if stream_interval is None else f"stream_interval_seconds = {stream_interval}\n"
-        (home / "settings.toml").write_text("settle_seconds = 0.2\nrescan_seconds = 5\n" + extra
-                                            + '[http]\nbind = "127.0.0.1:0"\n')
+        # No prefix cache: every run repeats the prompt, which would come from the
+        # cache and leave the in-process baseline (a fresh state each run) behind.
+        (home / "settings.toml").write_text("settle_seconds = 0.2\nrescan_seconds = 5\nprefix_cache_states = 0\n"
+                                            + extra + '[http]\nbind = "127.0.0.1:0"\n')
         self.home = home
         settings = Settings.load(home=home)
         settings.make_dirs()

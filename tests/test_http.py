@@ -213,7 +213,10 @@ def test_a_slow_load_gets_keep_alive_comments_before_the_first_chunk(api, monkey
 
 
 class LateBoom(FakeLoader):
-    """An engine that fails after two tokens."""
+    """An engine that fails after three tokens, 50 ms apart (the response has started by then)."""
+
+    def __init__(self):
+        super().__init__(token_delay=0.05)
 
     def __call__(self, entry, progress=None):
         engine = super().__call__(entry, progress)
@@ -221,7 +224,7 @@ class LateBoom(FakeLoader):
 
         def failing(*args, **kw):
             for i, event in enumerate(generate(*args, **kw)):
-                if i == 2:
+                if i == 3:
                     raise RuntimeError("the engine broke mid-answer")
                 yield event
         engine.generate = failing

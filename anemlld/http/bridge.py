@@ -4,9 +4,15 @@ field access that names the field, and ``EventStream``, which carries a
 generation's events from the model's worker thread into the event loop.
 
 Tokens are not sent one event-loop wakeup each: the worker appends to a list
-and wakes the loop only if it is not already woken, and the loop takes
-everything that arrived since it last looked. A fast model's tokens thus go
-out together when the loop is behind, one per chunk when it keeps up.
+and wakes the loop only if it is not already woken and, for a token, only if
+``stream_interval_seconds`` (settings, 20 ms) have passed since it last woke
+it (the first token and every other event wake it at once); the loop takes
+everything that arrived since it last looked. Each wakeup makes the loop
+thread take the GIL from the model's worker: one per token cost the pico
+demo model (about 300 tok/s) 20% of its decode speed over HTTP
+(bench/serving.py), the same effect the socket's stream interval answers.
+Models slower than 50 tok/s, most of them on the Neural Engine, still get one
+chunk per token.
 """
 from __future__ import annotations
 
@@ -168,8 +174,10 @@ def duration(value: Any, name: str) -> float | None:
 class EventStream:
     """The ``service.Sink`` of one HTTP generation."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
         self._loop = loop
+        self._interval = interval
+        self._woke_at: float | None = None
         self._lock = threading.Lock()
         self._events: list[tuple[Any, ...]] = []
         self._woken = False
@@ -198,7 +206,10 @@ class EventStream:
             stalled = self._oldest is not None and now - self._oldest > STALL_S
             if self._oldest is None:
                 self._oldest = now
-            wake, self._woken = not self._woken, True
+            due = event[0] != "token" or self._woke_at is None or now - self._woke_at >= self._interval
+            wake = due and not self._woken
+            if wake:
+                self._woken, self._woke_at = True, now
         if stalled and self.generation is not None and not self.generation.cancelled:
             log.info("an HTTP client has not read its stream for %.0f s: cancelling its generation", STALL_S)
             self.generation.cancel()
@@ -291,7 +302,7 @@ def build_generate(rid: str, shown: Mapping[str, str], **fields: Any):
 
 def start(service: Any, req: Any) -> EventStream:
     """Submit ``req``; raises ApiError for what fails at once (404, 503 busy or converting)."""
-    stream = EventStream(asyncio.get_running_loop())
+    stream = EventStream(asyncio.get_running_loop(), service.settings.stream_interval_seconds)
     try:
         stream.generation = service.generate(req, stream)
     except AnemllError as e:

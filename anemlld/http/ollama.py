@@ -180,14 +180,16 @@ class Ollama:
             value = take(options, key, list if key == "stop" else kind, "options.")
             if value is not None:
                 fields[ours] = value
-        context = self.service.details(name)["params"].get("context_length")
         num_ctx = take(options, "num_ctx", int, "options.")
-        if num_ctx is not None and context is not None and num_ctx > int(context):
-            raise ApiError(400, f"options.num_ctx {num_ctx} is larger than the context {name} was converted for "
-                           f"({context}): re-convert it with context_length = {num_ctx} in its anemll.toml, or "
-                           f"ask for at most {context}", param="options.num_ctx", code="context_overflow")
-        if fields.get("max_tokens") in (-1, -2) and context is not None:
-            fields["max_tokens"] = int(context)  # -1 "until done", -2 "fill the context": the context bounds both
+        if num_ctx is not None or fields.get("max_tokens") in (-1, -2):  # only then: it reads meta.yaml
+            context = self.service.details(name)["params"].get("context_length")
+            if num_ctx is not None and context is not None and num_ctx > int(context):
+                raise ApiError(400, f"options.num_ctx {num_ctx} is larger than the context {name} was converted "
+                               f"for ({context}): re-convert it with context_length = {num_ctx} in its "
+                               f"anemll.toml, or ask for at most {context}", param="options.num_ctx",
+                               code="context_overflow")
+            if fields.get("max_tokens") in (-1, -2) and context is not None:
+                fields["max_tokens"] = int(context)  # -1 "until done", -2 "fill the context": both end there
         return fields
 
     async def _load_or_unload(self, name: str, shown: str, keep_alive: float | None, chat: bool) -> Response:
