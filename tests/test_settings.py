@@ -310,3 +310,52 @@ def test_thread_count_knobs_from_the_environment_are_checked(monkeypatch):
         with pytest.raises(BadInput, match="ANEMLL_TEST_COUNT=.* is not a positive whole number") as e:
             env_count("ANEMLL_TEST_COUNT", 2)
         assert "unset it" in e.value.hint
+
+
+# -- HTTP --------------------------------------------------------------------------
+
+def test_http_is_on_at_127_0_0_1_11435_by_default_and_the_cache_has_its_bounds(tmp_path):
+    s = load(tmp_path)
+    assert (s.http.host, s.http.port, s.http.api_key, s.http.cors_origins, s.http.max_body_bytes) == (
+        "127.0.0.1", 11435, None, (), 8 << 20)
+    assert (s.prefix_cache_states, s.prefix_cache_bytes) == (8, 2 * GiB)
+    assert load(tmp_path / "b", "prefix_cache_states = 0\nprefix_cache_bytes = '512MB'\n").prefix_cache_bytes \
+        == 512 << 20
+
+
+def test_http_table_reads_every_key(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    key.chmod(0o600)
+    s = load(tmp_path, f'[http]\nbind = "0.0.0.0:0"\napi_key_file = "{key}"\n'
+                       'cors_origins = ["http://192.168.1.5:3000"]\nmax_body_bytes = "1MiB"\n')
+    assert (s.http.host, s.http.port, s.http.api_key, s.http.cors_origins, s.http.max_body_bytes) == (
+        "0.0.0.0", 0, "s3cret", ("http://192.168.1.5:3000",), 1 << 20)
+    assert load(tmp_path / "off", "[http]\nenabled = false\n").http is None
+    assert load(tmp_path / "v6", '[http]\nbind = "[::1]:8080"\n').http.host == "::1"
+
+
+def test_binding_beyond_loopback_needs_an_api_key(tmp_path):
+    err = refused(tmp_path, '[http]\nbind = "0.0.0.0:11435"\n')
+    assert "without an API key" in err.message and "api_key_file" in err.hint
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[http]\nbind = "11435"\n', "bind"), ('[http]\nbind = "localhost:99999"\n', "bind"),
+    ('[http]\nbind = 11435\n', "bind"), ("[http]\nenabled = 1\n", "enabled"),
+    ('[http]\ncors_origins = "http://x"\n', "cors_origins"), ('[http]\ncors_origins = ["http://x/path"]\n', "cors"),
+    ('[http]\nmax_body_bytes = 10\n', "max_body_bytes"), ('[http]\nport = 1\n', "port"),
+    ('[http]\napi_key_file = "/nonexistent/key"\n', "cannot be read"),
+])
+def test_bad_http_values_are_refused_naming_the_key(tmp_path, text, needle):
+    assert needle in refused(tmp_path, text).message
+
+
+def test_an_api_key_file_others_can_read_or_without_a_key_is_refused(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    key.chmod(0o644)
+    assert "chmod 600" in refused(tmp_path, f'[http]\napi_key_file = "{key}"\n').hint
+    key.write_text("\n")
+    key.chmod(0o600)
+    assert "holds no key" in refused(tmp_path, f'[http]\napi_key_file = "{key}"\n').message
