@@ -4,6 +4,7 @@ this layout; the runtime reads it (ours or one ANEMLL made)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ class Layout:
         for ext in (".mlmodelc", ".mlpackage"):
             if ffn.endswith(ext):
                 ffn = ffn[: -len(ext)]
+        # ANEMLL 0.3.4 names the base (llama_FFN_PF_lut4), 0.3.5 the first chunk
+        # (llama_FFN_PF_lut4_chunk_01of02): the runtime appends the suffix either way.
+        ffn = re.sub(r"_chunk_\d+of\d+$", "", ffn)
         n = self.num_chunks
         return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
 
@@ -137,7 +141,25 @@ def read_meta(root: str | Path) -> Layout:
         params = dict(info.pop("parameters"))
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
+    kind = str(params.get("model_type", "chunked"))
+    if kind == "monolithic":
+        raise BadInput(f"{path} describes a monolithic model ({params.get('monolithic_model', 'one package')}), "
+                       "which this anemlld cannot serve yet",
+                       "convert the Hugging Face model with anemlld (or ANEMLL without --monolithic) for the "
+                       "chunked layout", stage="load")
+    if kind != "chunked":
+        raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked)",
+                       "convert the model again with anemlld", stage="load")
+    if params.get("argmax_in_model") in (True, "true", "True", 1):
+        raise BadInput(f"{path}: its LM head returns only the argmax (ANEMLL's --argmax), which this anemlld "
+                       "cannot serve yet", "re-convert without --argmax, or let anemlld convert the original "
+                       "model", stage="load")
     missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
+            raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
+                           "fix meta.yaml or convert the model again", stage="load")
     return Layout(root, params, info)

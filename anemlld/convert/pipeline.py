@@ -26,7 +26,7 @@ from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import AneLM, ModelArgs, split_sizes, weights_loaded_later
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
-from shared.options import ConvertOptions, lut_name
+from shared.options import ConvertOptions
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,9 @@ def _prepare_work(work: Path, p: Plan) -> None:
 def _metadata(p: Plan, bits: int | None, chunk_no: int | None = None, functions: str = "") -> dict[str, str]:
     o = p.options
     meta = {"com.anemll.context_length": o.context_length, "com.anemll.num_chunks": p.num_chunks,
-            "com.anemll.batch_size": o.batch_size, "com.anemll.lut_bits": lut_name(bits),
-            "com.anemll.info": f"anemlld {__version__}"}
+            "com.anemll.batch_size": o.batch_size, "com.anemll.info": f"anemlld {__version__}"}
+    if bits is not None:  # ANEMLL's runners int() this key whenever they open a package: no "none"
+        meta["com.anemll.lut_bits"] = bits
     if chunk_no is not None:
         meta["com.anemll.chunk_no"] = chunk_no
     if functions:
@@ -387,9 +388,21 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "lm_head_chunk_sizes": split_sizes(args.vocab_size, p.lm_head_split),
         "state_length": o.context_length,
         "vocab_size": args.vocab_size,
-        "tokenizer_path": ".",
+        # What ANEMLL 0.3.5's runner reads besides: without prefill_dynamic_slice
+        # it never calls our prefill (it feeds the prompt token by token); our
+        # prefill writes the cache with a dynamic slice at current_pos and takes
+        # no update_mask. No tokenizer_path: that runner resolves it against
+        # its own working directory; without it, it reads the model's folder.
+        "model_type": "chunked",
+        "num_logits": p.lm_head_split,
+        "argmax_in_model": False,
+        "prefill_dynamic_slice": True,
+        "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
+    for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
+        if bits:
+            params[f"lut_{part}_per_channel"] = o.lut_group_size
     layout.write_meta(work, f"anemll-{p.source.path.name}-ctx{o.context_length}", __version__, p.architecture,
                       params)
     for f in p.source.tokenizer_files():

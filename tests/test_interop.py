@@ -1,0 +1,95 @@
+"""Our output read the way ANEMLL's runners read it, and ANEMLL's meta.yaml
+spellings read by us: package metadata that such a runner int()s, a
+tokenizer found from another working directory, the 0.3.5 keys that make its
+runner use our prefill, the FFN named with or without its chunk suffix, and
+layouts we cannot serve yet refused with a message instead of a traceback."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anemlld import layout
+from anemlld.convert import pipeline
+from shared.errors import BadInput
+from shared.options import ConvertOptions
+
+META_INTS = ("com.anemll.context_length", "com.anemll.num_chunks", "com.anemll.batch_size",
+             "com.anemll.lut_bits", "com.anemll.chunk_no")
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_models, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("interop") / "tiny-ane"
+    opts = ConvertOptions.from_mapping({"context_length": 64, "batch_size": 16, "chunks": 2,
+                                        "lut_embeddings": "none", "lut_ffn": 4, "lut_lm_head": "none"})
+    pipeline.convert(tiny_models["llama"], dest, opts)
+    return dest
+
+
+def test_every_metadata_value_an_anemll_runner_int_s_parses_and_no_lut_means_no_key(ours):
+    import coremltools as ct
+
+    packages = sorted(ours.glob("*.mlpackage"))
+    assert len(packages) == 4
+    for package in packages:
+        meta = dict(ct.utils.load_spec(str(package)).description.metadata.userDefined)
+        for key in META_INTS:
+            if key in meta:
+                int(meta[key])  # what ANEMLL's chat.py does on opening a package
+        has_lut = "_lut" in package.name
+        assert ("com.anemll.lut_bits" in meta) == has_lut, package.name
+
+
+def test_meta_yaml_has_the_keys_anemll_0_3_5_reads_and_no_tokenizer_path(ours):
+    params = yaml.safe_load((ours / "meta.yaml").read_text())["model_info"]["parameters"]
+    assert "tokenizer_path" not in params
+    assert params["model_type"] == "chunked" and params["prefill_dynamic_slice"] is True
+    assert params["update_mask_prefill"] is False and params["argmax_in_model"] is False
+    assert params["num_logits"] == params["split_lm_head"] == len(params["lm_head_chunk_sizes"])
+    assert params["lut_ffn_per_channel"] == 16 and "lut_lmhead_per_channel" not in params
+
+
+def test_the_tokenizer_is_found_from_another_working_directory(ours, tmp_path):
+    from transformers import AutoTokenizer
+
+    params = yaml.safe_load((ours / "meta.yaml").read_text())["model_info"]["parameters"]
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # ANEMLL's runner: tokenizer_path if meta.yaml has one (relative to its cwd), else the model folder
+        tok = AutoTokenizer.from_pretrained(params.get("tokenizer_path", str(ours)), local_files_only=True)
+    finally:
+        os.chdir(here)
+    assert tok("hello")["input_ids"]
+
+
+def rewrite(folder: Path, dest: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(folder, dest)
+    doc = yaml.safe_load((dest / "meta.yaml").read_text())
+    doc["model_info"]["parameters"].update(changes)
+    (dest / "meta.yaml").write_text(yaml.safe_dump(doc))
+    return dest
+
+
+def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_the_same_chunks(ours, tmp_path):
+    params = yaml.safe_load((ours / "meta.yaml").read_text())["model_info"]["parameters"]
+    suffixed = params["ffn"].replace(".mlpackage", "_chunk_01of02.mlpackage")
+    other = rewrite(ours, tmp_path / "v035", ffn=suffixed)
+    assert [c.name for c in layout.read_meta(other).chunks()] == [c.name for c in layout.read_meta(ours).chunks()]
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"model_type": "monolithic", "monolithic_model": "llama_monolithic_full_lut4.mlmodelc"}, "monolithic"),
+    ({"argmax_in_model": True}, "--argmax"),
+    ({"model_type": "hybrid"}, "model_type 'hybrid'"),
+    ({"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
+])
+def test_layouts_we_cannot_serve_are_refused_with_a_message(ours, tmp_path, changes, needle):
+    other = rewrite(ours, tmp_path / "other", **changes)
+    with pytest.raises(BadInput, match=needle) as info:
+        layout.read_meta(other)
+    assert info.value.hint
