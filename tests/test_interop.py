@@ -93,3 +93,47 @@ def test_layouts_we_cannot_serve_are_refused_with_a_message(ours, tmp_path, chan
     with pytest.raises(BadInput, match=needle) as info:
         layout.read_meta(other)
     assert info.value.hint
+
+
+class _Token:
+    def __init__(self, content: str, special: bool = True):
+        self.content, self.special = content, special
+
+
+class _Tokenizer:
+    def __init__(self, template: str, tokens: list[str]):
+        self.chat_template = template
+        self.added_tokens_decoder = {i: _Token(t) for i, t in enumerate(tokens)}
+
+
+@pytest.mark.parametrize("template, tokens, ends", [
+    ("{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+     "'<|eot_id|>' }}", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], {"<|eot_id|>"}),
+    ("{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+     ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], {"<|im_end|>"}),
+    ("{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+     "{{ message['content'] | trim }}<end_of_turn>\\n", ["<start_of_turn>", "<end_of_turn>"], {"<end_of_turn>"}),
+    ("{{'<|user|>' + '\\n' + message['content'] + '<|end|>' + '\\n'}}", ["<|user|>", "<|end|>"], {"<|end|>"}),
+    ("{{ message['content'] }}", ["<|x|>"], set()),
+])
+def test_end_of_turn_tokens_are_read_from_the_chat_templates_own_text(template, tokens, ends):
+    from anemlld.runtime.engine import end_of_turn_ids
+
+    found = end_of_turn_ids(_Tokenizer(template, tokens))
+    assert {tokens[i] for i in found} == ends
+
+
+def test_a_folder_without_generation_config_still_stops_at_the_end_of_turn(ours, tmp_path):
+    import json
+
+    from anemlld.runtime.engine import eos_ids, load_tokenizer
+
+    folder = rewrite(ours, tmp_path / "v034")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = 1  # <|end_of_text|>, as a base model's config says
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["eos_token"] = "<|end_of_text|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert eos_ids(folder, load_tokenizer(folder)) == {1, 4}  # 4 is <|eot_id|>, from the template

@@ -151,7 +151,26 @@ def eos_ids(folder: Path, tokenizer) -> set[int]:
             break
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    return ids
+    return ids | end_of_turn_ids(tokenizer)
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The special tokens the chat template writes right after a message's
+    content (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``):
+    a model ends its turn with them. Folders without a generation_config.json
+    (ANEMLL 0.3.4's) name no other end of turn than the tokenizer's EOS."""
+    import re
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return set()
+    found = set()
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        text = getattr(token, "content", str(token))
+        after_content = r"content[\]'\"]*(?:\s*\|\s*\w+)*\s*(?:\+\s*['\"]|-?\}\})" + re.escape(text)
+        if getattr(token, "special", True) and re.search(after_content, template):
+            found.add(int(token_id))
+    return found
 
 
 def sampling_defaults(folder: Path) -> dict[str, Any]:
