@@ -15,7 +15,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # Small enough to convert in seconds, shaped to exercise each architecture's
 # particulars: llama3 rope scaling and an odd layer count (uneven chunks),
 # Qwen2's q/k/v biases and tied embeddings, Qwen3's q/k norms and a head_dim
-# that is not hidden/heads.
+# that is not hidden/heads, Mistral's sliding window (4: shorter than the test
+# sequences, so the window matters at every step past the fourth).
 TINY = {
     "llama": dict(
         cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -27,6 +28,10 @@ TINY = {
         cls="Qwen2Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "mistral": dict(
+        cls="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "qwen3": dict(
         cls="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,

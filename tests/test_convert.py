@@ -11,6 +11,7 @@ import yaml
 
 from anemlld import layout
 from anemlld.convert import export, pipeline
+from anemlld.convert.models import ARCHITECTURES
 from shared.options import ConvertOptions
 from tests.conftest import ARCHS, TINY
 
@@ -48,7 +49,7 @@ def converted(tiny_models, tmp_path_factory) -> dict[str, tuple[Path, list]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_conversion_writes_the_anemll_layout(arch, converted):
     dest, _ = converted[arch]
-    prefix = "llama" if arch == "llama" else "qwen"
+    prefix = ARCHITECTURES[arch].PREFIX
     meta = yaml.safe_load((dest / "meta.yaml").read_text())["model_info"]
     p = meta["parameters"]
     assert meta["architecture"] == arch
@@ -58,6 +59,7 @@ def test_conversion_writes_the_anemll_layout(arch, converted):
     assert p["lm_head"] == f"{prefix}_lm_head_lut6.mlpackage"
     assert p["ffn"] == f"{prefix}_FFN_PF_lut4.mlpackage"
     assert p["split_lm_head"] == (8 if arch == "llama" else 16)
+    assert p.get("sliding_window") == TINY[arch].get("sliding_window")  # Mistral's window of 4, else none
     assert sum(p["lm_head_chunk_sizes"]) == p["vocab_size"] == 4096
     for name in (p["embeddings"], p["lm_head"], f"{prefix}_FFN_PF_lut4_chunk_01of02.mlpackage",
                  f"{prefix}_FFN_PF_lut4_chunk_02of02.mlpackage", "tokenizer.json", "tokenizer_config.json",

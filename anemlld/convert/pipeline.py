@@ -23,7 +23,8 @@ from torch import nn
 
 from anemlld.convert import export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import AneLM, ModelArgs, split_sizes, weights_loaded_later
+from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, sliding_window, split_sizes,
+                                         weights_loaded_later)
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
 from shared.options import ConvertOptions
@@ -132,6 +133,7 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     arch = options.architecture or detect_architecture(source.config)
     module = ARCHITECTURES[arch]
     args = module.model_args(source.config)
+    refuse_unimplemented(source.config, arch, options.context_length, windows=getattr(module, "SLIDING_WINDOW", False))
     check_checkpoint(arch, args, source)
     n = choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
@@ -400,6 +402,9 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
+    window = sliding_window(p.source.config, o.context_length)
+    if window is not None:  # every layer's window, applied by the engine's causal mask
+        params["sliding_window"] = window
     for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
         if bits:
             params[f"lut_{part}_per_channel"] = o.lut_group_size

@@ -243,7 +243,11 @@ class Engine:
         self.ctx = self.layout.context_length
         self.batch = self.layout.batch_size
         rows = np.arange(self.ctx)
-        self.mask = np.where(rows[None, :] <= rows[:, None], 0.0, -np.inf).astype(np.float16)
+        allowed = rows[None, :] <= rows[:, None]
+        window = self.layout.params.get("sliding_window")  # one window for every layer (Mistral)
+        if window:
+            allowed &= rows[None, :] > rows[:, None] - int(window)
+        self.mask = np.where(allowed, 0.0, -np.inf).astype(np.float16)
         self.load_ms = (time.perf_counter() - t) * 1000
 
     @property

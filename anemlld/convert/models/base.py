@@ -13,6 +13,7 @@ LM head is the one exception, handled in :meth:`AneLM.load_weights`.
 """
 from __future__ import annotations
 
+import json
 import math
 import threading
 from contextlib import contextmanager
@@ -75,6 +76,49 @@ class ModelArgs:
         h, kvh = self.hidden_size, self.num_key_value_heads * self.head_dim
         qh = self.num_attention_heads * self.head_dim
         return h * qh * 2 + h * kvh * 2 + 3 * h * self.intermediate_size
+
+
+def sliding_window(cfg: dict[str, Any], context_length: int) -> int | None:
+    """The attention window the config asks for, if it is shorter than the
+    context (a longer one never takes effect)."""
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False or window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise BadInput(f"config.json has sliding_window = {window!r}, not a positive integer",
+                       "restore the model's original config.json", stage="inspect")
+    return window if window < context_length else None
+
+
+def refuse_unimplemented(cfg: dict[str, Any], arch: str, context_length: int, windows: bool = False) -> None:
+    """Every config key that changes the computation and that ``arch`` does
+    not implement is refused here, by name: converting without it would give
+    a model that runs and answers wrongly (a Mistral checkpoint with a window
+    of 24 converted as Llama agreed with transformers on 16% of tokens)."""
+    def refuse(key: str, why: str, hint: str) -> None:
+        raise BadInput(f"config.json sets {key} = {json.dumps(cfg.get(key))}: {why}, which {arch} does not "
+                       "implement here", hint, stage="inspect")
+
+    window = sliding_window(cfg, context_length)
+    if window is not None and not windows:
+        refuse("sliding_window", f"attention limited to the last {window} tokens, shorter than context_length "
+               f"{context_length}", f"convert with context_length = {window} or less (the window then never "
+               "matters)")
+    kinds = set(cfg.get("layer_types") or [])
+    if kinds - {"full_attention"} and not (windows and kinds <= {"full_attention", "sliding_attention"}):
+        refuse("layer_types", "layers of another kind than full attention", "convert a supported architecture")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            refuse(key, "soft-capped logits", "convert a supported architecture")
+    if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
+        refuse("partial_rotary_factor", "rotary embeddings on part of each head", "convert a supported architecture")
+    if cfg.get("mlp_bias"):
+        refuse("mlp_bias", "biases on the MLP projections", "convert a supported architecture")
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        if cfg.get(key) not in (None, 1, 1.0):
+            refuse(key, "a scaling of activations", "convert a supported architecture")
+    if any(v == 0 for v in cfg.get("no_rope_layers") or []):
+        refuse("no_rope_layers", "layers without rotary embeddings", "convert a supported architecture")
 
 
 def _number(cfg: dict[str, Any], key: str, kind: type, default: Any = None):
@@ -403,9 +447,13 @@ def _copy(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
         param.copy_(tensor)  # converts the dtype without a temporary copy
 
 
-def causal_mask(positions: torch.Tensor, context_length: int, dtype=torch.float32) -> torch.Tensor:
-    """(1, 1, S, ctx): 0 where row at position p may attend (keys 0..p), -inf elsewhere."""
+def causal_mask(positions: torch.Tensor, context_length: int, dtype=torch.float32,
+                window: int | None = None) -> torch.Tensor:
+    """(1, 1, S, ctx): 0 where row at position p may attend (keys 0..p, and
+    with a sliding ``window`` only the last ``window`` of them), -inf elsewhere."""
     keys = torch.arange(context_length)
     allowed = keys[None, :] <= positions[:, None]
+    if window is not None:
+        allowed &= keys[None, :] > positions[:, None] - window
     mask = torch.full(allowed.shape, float("-inf"), dtype=dtype)
     return mask.masked_fill(allowed, 0.0)[None, None]

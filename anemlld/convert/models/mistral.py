@@ -1,0 +1,21 @@
+"""Mistral and Ministral: the Llama model, with attention limited to a sliding
+window of the last ``sliding_window`` tokens when the config sets one shorter
+than the context. Every layer has the same window, so it lives entirely in
+the causal mask the engine sends (``sliding_window`` in meta.yaml); the KV
+cache keeps the whole context."""
+from __future__ import annotations
+
+from typing import Any
+
+from anemlld.convert.models.base import AneLM, Attention, ModelArgs
+
+PREFIX = "mistral"
+SLIDING_WINDOW = True
+
+
+def model_args(cfg: dict[str, Any]) -> ModelArgs:
+    return ModelArgs.from_config(cfg)
+
+
+class Model(AneLM):
+    attention = Attention

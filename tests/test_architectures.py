@@ -1,0 +1,97 @@
+"""What each architecture computes is what its config asks for: every config
+key that changes the computation and that the chosen architecture does not
+implement is refused at planning by name (even with --architecture forcing
+one), and Mistral's sliding window, applied through the engine's causal mask,
+matches transformers on sequences several times longer than the window."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from anemlld.convert import pipeline
+from shared.errors import BadInput
+from shared.options import ConvertOptions
+from tests.conftest import make_tiny_model
+
+
+def with_config(src, dest, **changes):
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(changes)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def plan(folder, **options):
+    return pipeline.plan(folder, ConvertOptions.from_mapping({"context_length": 64, **options}))
+
+
+def test_a_mistral_window_shorter_than_the_context_is_refused_when_forced_to_llama(tiny_models):
+    with pytest.raises(BadInput, match=r"sliding_window = 4: attention limited to the last 4 tokens") as info:
+        plan(tiny_models["mistral"], architecture="llama")
+    assert "context_length = 4 or less" in info.value.hint
+    assert plan(tiny_models["mistral"], architecture="llama", context_length=4, batch_size=4).architecture == "llama"
+    assert plan(tiny_models["mistral"]).architecture == "mistral"
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"layer_types": ["sliding_attention", "full_attention", "full_attention"]}, "layer_types"),
+    ({"residual_multiplier": 0.22}, "residual_multiplier"),
+    ({"no_rope_layers": [1, 1, 0]}, "no_rope_layers"),
+    ({"sliding_window": 16, "use_sliding_window": True}, "sliding_window"),
+])
+def test_config_keys_that_change_the_computation_and_are_not_implemented_are_refused_by_name(
+        tiny_models, tmp_path, changes, key):
+    folder = with_config(tiny_models["llama"], tmp_path / "m", **changes)
+    with pytest.raises(BadInput, match=f"config.json sets {key} = ") as info:
+        plan(folder)
+    assert "llama does not implement" in info.value.message and info.value.hint
+
+
+def test_keys_that_ask_for_nothing_more_are_accepted(tiny_models, tmp_path):
+    folder = with_config(tiny_models["qwen2"], tmp_path / "q", sliding_window=4, use_sliding_window=False,
+                         layer_types=["full_attention", "full_attention"], partial_rotary_factor=1.0,
+                         attn_logit_softcapping=None)
+    assert plan(folder).architecture == "qwen2"
+
+
+@pytest.fixture(scope="module")
+def mistral_engine(tmp_path_factory):
+    from anemlld.runtime.engine import Engine
+
+    src = make_tiny_model("mistral", tmp_path_factory.mktemp("hf") / "mistral", seed=3, sliding_window=8)
+    out = tmp_path_factory.mktemp("ane") / "mistral-ane"
+    pipeline.convert(src, out, ConvertOptions.from_mapping({"context_length": 64, "batch_size": 16,
+                                                            "lut_embeddings": "none", "lut_ffn": "none",
+                                                            "lut_lm_head": "none"}))
+    return src, Engine(out, executor="portable")
+
+
+@torch.no_grad()
+def test_mistral_with_a_window_of_8_matches_transformers_over_40_tokens_through_prefill_and_steps(mistral_engine):
+    from transformers import AutoModelForCausalLM
+
+    from anemlld.runtime.sampling import Sampler, SamplingParams
+
+    src, engine = mistral_engine
+    assert engine.layout.params["sliding_window"] == 8
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    prompt = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
+    session = engine.new_session()
+    logits = engine.feed(session, prompt)  # a batch of 16 through prefill, 4 through infer
+    ids, greedy = list(prompt), Sampler(SamplingParams())
+    for step in range(20):
+        want = ref(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0, -1]
+        assert abs(logits.astype("float64") - want.double().numpy()).max() < 0.05, step  # fp16 parts
+        top2 = torch.topk(want, 2).values
+        if float(top2[0] - top2[1]) > 0.05:  # away from near-ties fp16 may flip
+            assert greedy(logits, ids, []) == int(want.argmax()), step
+        ids.append(int(want.argmax()))
+        logits = engine.feed(session, ids[-1:])
