@@ -14,7 +14,23 @@ estimate (sizes on disk), and a model that does not fit it next to pinned or
 busy ones must still be servable; refusing would make it unusable until
 something else is unloaded by hand.
 
-Threads. Each resident model has one worker thread: it loads the model, then
+Processes. Each resident model runs in a worker process of its own
+(anemlld/worker.py): a crash in native code costs the requests on that
+model, and unloading gives its memory back. Tests pass a loader that returns
+an in-process engine instead; everything below is the same for both.
+
+Crashes, read aloud:
+
+    A worker that dies ends the request it was running with ``model_failed``
+    ("model 'pico' stopped (killed by signal 9) and will be reloaded on the
+    next request"); requests queued behind it load the model again, and so
+    does the next one. A model whose worker dies 3 times within 10 minutes is
+    marked ``failed`` with the reason, until someone ``load``s it.
+
+Memory. The budget counts each loaded worker's measured memory (``ps``'s
+``memory_bytes``) and, for a model still to load, its size on disk.
+
+Threads. Each resident model has one thread: it loads the model, then
 runs the model's requests one at a time from a bounded queue
 (``settings.queue_limit`` requests may wait behind the running one; more are
 refused with ``busy``) until the model is unloaded. Concurrent first requests
@@ -30,6 +46,7 @@ when the model goes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -41,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from anemlld import layout
 from anemlld.listeners import Listeners
+from anemlld.worker import WorkerDied
 from anemlld.registry import ModelEntry, Registry
 from anemlld.runtime.prefix_cache import PrefixCache
 from anemlld.runtime.sampling import SamplingParams
@@ -55,15 +73,38 @@ log = logging.getLogger(__name__)
 SERVABLE = ("ready", "loaded")
 SAMPLING_OPTIONS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
+CRASH_LIMIT = 3  # worker deaths within CRASH_WINDOW_S that mark a model failed
+CRASH_WINDOW_S = 600.0
+
 ProgressFn = Callable[[str, float], None]  # (part, fraction 0..1) while a model loads
 Loader = Callable[..., Any]  # loader(entry) or loader(entry, progress=ProgressFn) -> engine
 
 
-def default_loader(entry: ModelEntry, progress: Any = None) -> Any:
+def engine_loader(entry: ModelEntry, progress: Any = None) -> Any:
+    """The engine in this process (tests, benchmarks); the daemon's models run in workers."""
     from anemlld.runtime.engine import Engine  # torch and friends only when a model is loaded
 
     return Engine(entry.path, progress=progress)
 
+
+def new_prefix_cache(engine: Any, states: int, size: int) -> PrefixCache:
+    return PrefixCache(engine.new_session, states, size, getattr(engine, "state_bytes", None))
+
+
+def run_request(engine: Any, cache: PrefixCache, *, prompt: str | None, messages: list[dict] | None,
+                options: Mapping[str, Any] | None, session_id: str | None,
+                cancel: threading.Event | None) -> Iterator[Token | Done]:
+    """One request on an engine in this process: sampling params = engine.sampling_defaults
+    overlaid with ``options``; the KV state from ``cache``, and back into it afterwards
+    (dropped on an exception). Raises AnemllError(code="bad_request") for an invalid
+    option combination (SamplingParams' BadInput)."""
+    params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
+    ids = engine.encode(prompt, messages)
+    session = cache.take(ids, session_id)
+    # An exception (or the consumer closing us) skips the put: the state may
+    # hold half a request, and a fresh one costs only a prefill.
+    yield from engine.generate(ids=ids, params=params, session=session, cancel=cancel)
+    cache.put(session, session_id)
 
 
 
@@ -78,8 +119,9 @@ class _Work:
 
 
 class ResidentModel:
-    """A model in memory (or being loaded) and its worker's queue. ``engine``,
-    the prefix cache and ``load_ms`` are for the code running on its worker."""
+    """A model in memory (or being loaded) and its thread's queue. ``engine``
+    (an in-process engine or a worker.Worker), the prefix cache and ``load_ms``
+    are for the code running on its thread."""
 
     def __init__(self, entry: ModelEntry, size_bytes: int, pinned: bool, keep_alive: float,
                  lock: threading.Lock, cache_states: int = 8, cache_bytes: int = 2 << 30):
@@ -102,25 +144,33 @@ class ResidentModel:
         self.thread: threading.Thread | None = None
         self._cache_bounds = (cache_states, cache_bytes)
         self._cache: PrefixCache | None = None  # made with the first request, dropped with the engine
+        self.on_death: Callable[["ResidentModel", WorkerDied], AnemllError] | None = None  # residency's count
+        self.death_seen = False  # this engine's death was counted already
 
-    # -- on the worker -------------------------------------------------------
+    # -- on the model's thread -------------------------------------------------
     def generate(self, *, prompt: str | None = None, messages: list[dict] | None = None,
                  options: Mapping[str, Any] | None = None, session_id: str | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Token | Done]:
-        """Run one request on this model: sampling params = engine.sampling_defaults overlaid with
-        ``options`` (keys: max_tokens, temperature, top_k, top_p, repetition_penalty, presence_penalty,
-        frequency_penalty, seed, stop (tuple of str)); the KV state from the prefix cache; the state
-        goes back afterwards (dropped on an exception). Raises AnemllError(code="bad_request") for
-        an invalid option combination (SamplingParams' BadInput)."""
+        """Run one request on this model (``run_request``, in its worker when it has one).
+        ``options`` keys: max_tokens, temperature, top_k, top_p, repetition_penalty,
+        presence_penalty, frequency_penalty, seed, stop (tuple of str). A worker that dies
+        meanwhile raises AnemllError(code="model_failed") saying what happens next."""
         engine = self.engine
-        params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
-        ids = engine.encode(prompt, messages)
-        cache = self._prefix_cache()
-        session = cache.take(ids, session_id)
-        # An exception (or the consumer closing us) skips the put: the state may
-        # hold half a request, and a fresh one costs only a prefill.
-        yield from engine.generate(ids=ids, params=params, session=session, cancel=cancel)
-        cache.put(session, session_id)
+        if not hasattr(engine, "request"):
+            yield from run_request(engine, self._prefix_cache(), prompt=prompt, messages=messages,
+                                   options=options, session_id=session_id, cancel=cancel)
+            return
+        try:
+            yield from engine.request(prompt=prompt, messages=messages, options=options, session_id=session_id,
+                                      cancel=cancel)
+        except WorkerDied as e:
+            raise self.on_death(self, e) if self.on_death is not None else e from None
+
+    def memory(self) -> int:
+        """What the budget counts: the worker's measured memory once loaded, else the size on disk."""
+        measured = self.engine.memory_bytes() if self.state == "loaded" and hasattr(self.engine, "memory_bytes") \
+            else None
+        return measured if measured else self.size_bytes
 
     @property
     def cache_count(self) -> int:
@@ -129,9 +179,7 @@ class ResidentModel:
 
     def _prefix_cache(self) -> PrefixCache:
         if self._cache is None:
-            states, size = self._cache_bounds
-            self._cache = PrefixCache(self.engine.new_session, states, size,
-                                      getattr(self.engine, "state_bytes", None))
+            self._cache = new_prefix_cache(self.engine, *self._cache_bounds)
         return self._cache
 
     # -- policy (read under the residency lock) --------------------------------
@@ -173,10 +221,16 @@ class Ticket:
 
 
 class Residency:
-    def __init__(self, settings: Settings, registry: Registry, loader: Loader = default_loader):
+    def __init__(self, settings: Settings, registry: Registry, loader: Loader | None = None):
+        """``loader``: None for a worker process per model; tests pass one returning an in-process engine."""
         self.settings = settings
         self.registry = registry
+        if loader is None:
+            from anemlld import worker
+
+            loader = functools.partial(worker.spawn, settings)
         self.loader = loader
+        self._deaths: dict[str, deque[float]] = {}  # monotonic times each model's workers died
         self._loader_takes_progress = _takes_progress(loader)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # wakes the reaper
@@ -241,12 +295,27 @@ class Residency:
             models = sorted((m for m in self._models.values() if m.state == "loaded"), key=lambda m: m.name)
             return [{"name": m.name, "size_bytes": m.size_bytes, "pinned": m.pinned,
                      "expires_at": m.expires_at(), "requests": m.requests,
-                     "context_length": getattr(m.engine, "ctx", None)} for m in models]
+                     "context_length": getattr(m.engine, "ctx", None), "pid": getattr(m.engine, "pid", None),
+                     "memory_bytes": m.engine.memory_bytes() if hasattr(m.engine, "memory_bytes") else None}
+                    for m in models]
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
             model = self._models.get(name)
             return model is not None and model.state == "loaded"
+
+    def forgive(self, name: str) -> bool:
+        """A model marked failed because its worker kept dying is servable again
+        (the `load` op); True if it was. Failed conversions stay failed."""
+        entry = self.registry.get(name)
+        error = (entry.error or {}) if entry is not None else {}
+        if entry is None or entry.state != "failed" or error.get("stage") != "worker" or not entry.path:
+            return False
+        with self._lock:
+            self._deaths.pop(name, None)
+        self.registry.upsert(name, state="ready", error=None)
+        log.info("%s may be loaded again (it had been marked failed: %s)", name, error.get("message"))
+        return True
 
     def unload(self, name: str) -> bool:
         """Unpin ``name`` and unload it now if idle, else as soon as its queue
@@ -324,6 +393,7 @@ class Residency:
         pinned = self._pin_override.get(entry.name, entry.pin)
         model = ResidentModel(entry, size, pinned, self._keep_alive(entry, keep_alive), self._lock,
                               self.settings.prefix_cache_states, self.settings.prefix_cache_bytes)
+        model.on_death = self._count_death
         model.thread = threading.Thread(target=self._worker, args=(model,), name=f"model-{entry.name}",
                                         daemon=True)
         self._models[entry.name] = model
@@ -333,7 +403,7 @@ class Residency:
     def _make_room(self, size: int, name: str) -> list[ResidentModel]:
         """The rule: idle unpinned models, soonest expiry first, until ``size`` fits."""
         budget = self.settings.memory_budget
-        used = sum(m.size_bytes for m in self._models.values())
+        used = sum(m.memory() for m in self._models.values())
         victims = []
         candidates = sorted((m for m in self._models.values() if m.idle and not m.pinned),
                             key=lambda m: (m.deadline(), m.last_used))
@@ -341,7 +411,7 @@ class Residency:
             if not budget or used + size <= budget:
                 break
             victims.append(model)
-            used -= model.size_bytes
+            used -= model.memory()
             self._remove(model)
         if budget and used + size > budget:
             log.warning("loading %s (%s) goes over the memory budget of %s: %s are resident and pinned or busy",
@@ -368,13 +438,18 @@ class Residency:
             known = ", ".join(e.name for e in self.registry.all()) or "none yet"
             raise AnemllError(f"no model named {name!r}", f"models: {known}", code="not_found")
         if entry.state == "failed":
-            message = (entry.error or {}).get("message", "it failed to convert")
-            raise AnemllError(f"model {name!r} failed: {message}", (entry.error or {}).get("hint", ""),
-                              code="model_failed")
+            raise self._servable_error(entry)
         if entry.state not in SERVABLE or not entry.path:
             raise AnemllError(f"model {name!r} is {entry.state}, not converted yet",
                               "follow it with `watch` or `jobs` and ask again once it is ready", code="not_found")
         return entry
+
+    @staticmethod
+    def _servable_error(entry: ModelEntry) -> AnemllError:
+        """Why a failed model cannot be served."""
+        message = (entry.error or {}).get("message", "it failed to convert")
+        return AnemllError(f"model {entry.name!r} failed: {message}", (entry.error or {}).get("hint", ""),
+                           code="model_failed")
 
     def _size_of(self, entry: ModelEntry) -> int:
         if entry.size_bytes is not None:
@@ -399,7 +474,7 @@ class Residency:
             queued = list(model.queue)
             model.queue.clear()
             model.wakeup.notify_all()
-        del engine
+        _close(engine)
         log.info("unloaded %s (%s; %d requests served)", model.name, why, model.requests)
         for work in queued:
             _safe_fail(work, AnemllError("the daemon is stopping", "try again when it is back", code="busy"))
@@ -412,12 +487,18 @@ class Residency:
             return
         while True:
             with self._lock:
-                while not model.queue and model.state == "loaded":
+                while not model.queue and model.state == "loaded" and _alive(model.engine):
                     model.wakeup.wait()
                 if model.state != "loaded":
                     break
-                work = model.running = model.queue.popleft()
-                model.requests += 1  # counted as it starts, so `ps` agrees with a client that saw `done`
+                work = None
+                if _alive(model.engine):
+                    work = model.running = model.queue.popleft()
+                    model.requests += 1  # counted as it starts, so `ps` agrees with a client that saw `done`
+            if work is None:
+                if not self._after_death(model):
+                    return
+                continue
             load_ms = model.load_ms if work.caused_load else 0.0
             try:
                 work.run(model, load_ms)
@@ -444,6 +525,9 @@ class Residency:
                 engine = self.loader(model.entry, progress=lambda part, f: self._progress(model, part, f))
             else:
                 engine = self.loader(model.entry)
+        except WorkerDied as e:
+            self._abandon(model, self._count_death(model, e))
+            return False
         except Exception as e:
             if isinstance(e, AnemllError):
                 log.error("loading %s failed: %s", model.name, e)
@@ -459,11 +543,14 @@ class Residency:
             stopped = self._models.get(model.name) is not model
             if not stopped:
                 model.engine, model.load_ms, model.state = engine, load_ms, "loaded"
+                model.death_seen = False
                 model.last_used = time.monotonic()
+                if hasattr(engine, "on_exit"):  # a worker dying while idle wakes the model's thread
+                    engine.on_exit = lambda: self._wake(model)
             listeners, model.progress_listeners = model.progress_listeners, []
             self._changed.notify_all()
         if stopped:
-            del engine
+            _close(engine)
             self._abandon(model, AnemllError("the daemon is stopping", "try again when it is back", code="busy"))
             return False
         self._progress(model, "", 1.0, listeners)
@@ -474,6 +561,56 @@ class Residency:
             self.registry.upsert(model.name, state="loaded")
         model.ready.set()
         return True
+
+    # -- workers that die -------------------------------------------------------------
+    def _count_death(self, model: ResidentModel, died: WorkerDied) -> AnemllError:
+        """Count a worker's death; the error for the request that saw it: ``died``
+        itself, or, at the CRASH_LIMIT-th death in CRASH_WINDOW_S, the model marked failed."""
+        now = time.monotonic()
+        with self._lock:
+            model.death_seen = True
+            deaths = self._deaths.setdefault(model.name, deque())
+            deaths.append(now)
+            while now - deaths[0] > CRASH_WINDOW_S:
+                deaths.popleft()
+            count = len(deaths)
+            if count >= CRASH_LIMIT:
+                del self._deaths[model.name]
+        if count < CRASH_LIMIT:
+            return died
+        message = (f"its worker stopped {count} times in {CRASH_WINDOW_S / 60:.0f} minutes, "
+                   f"the last time {died.reason}")
+        hint = "the daemon's log has the details; send `load` for the model to try again"
+        log.error("marking %s failed: %s", model.name, message)
+        self.registry.upsert(model.name, state="failed",
+                             error={"code": "model_failed", "stage": "worker", "message": message, "hint": hint})
+        return AnemllError(f"model {model.name!r} failed: {message}", hint, stage="worker", code="model_failed")
+
+    def _after_death(self, model: ResidentModel) -> bool:
+        """The model's worker is gone: load the model again for the requests waiting
+        (True once loaded), or let it go (False), failing them if it is marked failed."""
+        engine = model.engine
+        error = None if model.death_seen else self._count_death(model, WorkerDied(model.name, engine.reason))
+        entry = self.registry.get(model.name)
+        failed = entry is not None and entry.state == "failed"
+        with self._lock:
+            reload = not failed and bool(model.queue) and self._models.get(model.name) is model
+            if reload:
+                model.engine, model._cache, model.state = None, None, "loading"
+            else:
+                self._remove(model)
+        if not reload:
+            if failed:
+                self._abandon(model, error or self._servable_error(entry))
+            self._finish_unload(model, f"its worker {engine.reason}")
+            return False
+        _close(engine)
+        log.info("loading %s again for the requests waiting", model.name)
+        return self._load(model)
+
+    def _wake(self, model: ResidentModel) -> None:
+        with self._lock:
+            model.wakeup.notify_all()
 
     def _abandon(self, model: ResidentModel, error: AnemllError) -> None:
         """A load that failed (or was overtaken by stop): fail everyone waiting for it."""
@@ -570,6 +707,21 @@ def sampling_params(defaults: Mapping[str, Any], options: Mapping[str, Any]) -> 
     except TypeError as e:  # a comparison in the checks met a value of the wrong type
         raise AnemllError(f"a sampling option has the wrong type ({e})", "send numbers for numeric options",
                           code="bad_request") from None
+
+
+def _alive(engine: Any) -> bool:
+    """False for a worker whose process has ended; in-process engines do not die alone."""
+    return getattr(engine, "alive", True)
+
+
+def _close(engine: Any) -> None:
+    """End a worker process (an in-process engine just goes with its last reference)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing a model's worker failed")
 
 
 def _safe_fail(work: _Work, error: AnemllError) -> None:

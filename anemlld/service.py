@@ -150,7 +150,10 @@ class Service:
     # -- residency -----------------------------------------------------------------
     def load(self, name: str, keep_alive: float | None = None,
              progress: Callable[[str, float], None] | None = None) -> None:
-        """Load ``name`` and wait until it is resident (blocking)."""
+        """Load ``name`` and wait until it is resident (blocking). A model marked
+        failed because its worker kept dying is tried again."""
+        self.entry(name)
+        self.residency.forgive(name)
         self.servable(name)
         self.residency.acquire(name, progress, keep_alive)
 
