@@ -1,0 +1,63 @@
+"""A conversion's memory: what the plan says it will need at its peak, and
+what a process (with its descendants) holds now. No torch here: the daemon
+measures its conversion children with it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from anemlld.convert.pipeline import Plan
+
+MB = 1024 * 1024
+
+# Measured with bench/convert_1b.py on the Llama-3.2-1B shape (README): a
+# chunk of 8 decoder layers (487 M weights) peaked at 5.26 GiB in its export,
+# the LM head (263 M weights) at 5.39 GiB in an earlier run, each with about
+# 0.5 GiB of interpreter, torch and coremltools under it. That is 10.5 bytes
+# per weight of the chunk being exported (fp16 weights, their fp32 copies in
+# the traced graph and in the MIL program, the serialized blob) and 19 for
+# the head (its 16 split projections and their logits add copies). Rounded
+# up so that a slightly larger shape still fits what we asked for.
+BASE_BYTES = 512 * MB
+BYTES_PER_CHUNK_WEIGHT = 11
+BYTES_PER_END_WEIGHT = 20  # embeddings or LM head: the head is the costly one
+
+
+def peak_estimate(plan: "Plan") -> int:
+    """Bytes of resident memory the conversion of ``plan`` is expected to
+    peak at: the process's base plus the export of its largest part."""
+    args = plan.args
+    largest_chunk = max(len(r) for r in plan.chunk_ranges) * args.layer_params
+    end = args.vocab_size * args.hidden_size
+    # every chunk holds the whole model's KV state (fp16), traced in fp32
+    state = 2 * args.num_hidden_layers * args.num_key_value_heads * plan.options.context_length \
+        * args.head_dim * 4
+    return BASE_BYTES + max(BYTES_PER_CHUNK_WEIGHT * largest_chunk + state, BYTES_PER_END_WEIGHT * end)
+
+
+def available() -> int:
+    """Bytes the system can give a new process without swapping."""
+    return psutil.virtual_memory().available
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (xcrun's compiler, say);
+    0 once it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB"
