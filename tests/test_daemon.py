@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shared import protocol
@@ -94,6 +95,32 @@ def test_bad_inputs_end_in_the_failed_folder_while_the_daemon_serves(daemon, tin
         assert c.request(protocol.Hello).event == "hello"  # still serving
 
 
+def test_hello_answers_within_half_a_second_while_a_child_process_converts(daemon, tiny_models):
+    src = daemon.settings.drop_dir / "busy"
+    shutil.copytree(tiny_models["llama"], src)
+    (src / "anemll.toml").write_text('[convert]\ncontext_length = 64\nbatch_size = 16\nchunks = 3\n')
+    me = psutil.Process(daemon.proc.pid)
+    waits, pids, rss = [], set(), []
+    with Client(daemon.settings) as c:
+        deadline = time.monotonic() + 180
+        job = None
+        while time.monotonic() < deadline:
+            job = next((j for j in c.request(protocol.Jobs).data["jobs"] if j["name"] == "busy"), None)
+            if job and job["state"] in ("done", "failed"):
+                break
+            if job and job["state"] == "running" and job["stage"] in ("load", "export", "quantize", "combine"):
+                t = time.perf_counter()
+                assert c.request(protocol.Hello, timeout=5).event == "hello"
+                waits.append(time.perf_counter() - t)
+                pids.add(job["pid"])
+                rss.append(me.memory_info().rss)
+            time.sleep(0.05)
+    assert job is not None and job["state"] == "done", daemon.stderr()[-3000:]
+    assert len(waits) >= 20 and max(waits) < 0.5, waits
+    assert len(pids) == 1 and None not in pids and daemon.proc.pid not in pids
+    assert max(rss) < 200 << 20  # torch and coremltools stay in the child
+
+
 def test_kill_9_during_conversion_resumes_after_restart(tmp_path, tiny_models):
     home = tmp_path / "home"
     d = DaemonProcess(home).start()
@@ -109,7 +136,9 @@ def test_kill_9_during_conversion_resumes_after_restart(tmp_path, tiny_models):
             time.sleep(0.1)
         else:
             pytest.fail(f"conversion never started: {d.stderr()[-2000:]}")
+    child = psutil.Process(jobs[0]["pid"])
     d.kill9()
+    child.wait(5)  # the conversion child ends with the daemon, however it went
     visible = [p.name for p in d.settings.models_dir.iterdir() if not p.name.startswith(".")]
     assert visible == []  # the partial model is hidden
     d2 = DaemonProcess(home).start()
