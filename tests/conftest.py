@@ -16,7 +16,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # particulars: llama3 rope scaling and an odd layer count (uneven chunks),
 # Qwen2's q/k/v biases and tied embeddings, Qwen3's q/k norms and a head_dim
 # that is not hidden/heads, Mistral's sliding window (4: shorter than the test
-# sequences, so the window matters at every step past the fourth).
+# sequences, so the window matters at every step past the fourth), Phi-3's
+# fused q/k/v and gate/up, partial rotary and longrope short factors.
 TINY = {
     "llama": dict(
         cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -32,6 +33,13 @@ TINY = {
         cls="MistralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=4,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "phi3": dict(
+        cls="Phi3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, partial_rotary_factor=0.75,
+        original_max_position_embeddings=256,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 256}),
     "qwen3": dict(
         cls="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,

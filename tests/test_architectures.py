@@ -40,7 +40,6 @@ def test_a_mistral_window_shorter_than_the_context_is_refused_when_forced_to_lla
 @pytest.mark.parametrize("changes, key", [
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
-    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"layer_types": ["sliding_attention", "full_attention", "full_attention"]}, "layer_types"),
     ({"residual_multiplier": 0.22}, "residual_multiplier"),
@@ -53,6 +52,25 @@ def test_config_keys_that_change_the_computation_and_are_not_implemented_are_ref
     with pytest.raises(BadInput, match=f"config.json sets {key} = ") as info:
         plan(folder)
     assert "llama does not implement" in info.value.message and info.value.hint
+
+
+def test_phi3_longrope_past_its_original_length_is_refused_with_the_length_to_use(tiny_models):
+    with pytest.raises(BadInput, match="longer than this model's original 256 positions") as info:
+        plan(tiny_models["phi3"], context_length=512)
+    assert "context_length = 256 or less" in info.value.hint
+    assert plan(tiny_models["phi3"], context_length=256).architecture == "phi3"
+
+
+def test_phi3s_fused_checkpoint_tensors_are_checked_with_their_fused_shapes(tiny_models, tmp_path):
+    from anemlld.convert.models import build
+    from anemlld.convert.pipeline import plan as make_plan
+
+    p = make_plan(tiny_models["phi3"], ConvertOptions.from_mapping({"context_length": 64}))
+    with torch.device("meta"):
+        shapes = build("phi3", p.args, context_length=1).checkpoint_shapes()
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (64 + 2 * 32, 64)
+    assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 128, 64)
+    assert "model.layers.0.self_attn.q_proj.weight" not in shapes
 
 
 def test_keys_that_ask_for_nothing_more_are_accepted(tiny_models, tmp_path):

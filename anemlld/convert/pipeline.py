@@ -133,7 +133,8 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     arch = options.architecture or detect_architecture(source.config)
     module = ARCHITECTURES[arch]
     args = module.model_args(source.config)
-    refuse_unimplemented(source.config, arch, options.context_length, windows=getattr(module, "SLIDING_WINDOW", False))
+    refuse_unimplemented(source.config, arch, options.context_length,
+                         windows=getattr(module, "SLIDING_WINDOW", False))
     check_checkpoint(arch, args, source)
     n = choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX

@@ -41,6 +41,12 @@ class ModelArgs:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     attention_bias: bool = False
+    partial_rotary_factor: float = 1.0  # rope on the first fraction of each head (Phi-4-mini: 0.75)
+    rope_attention_factor: float = 1.0  # longrope's scaling of cos and sin
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "ModelArgs":
@@ -59,6 +65,8 @@ class ModelArgs:
             rope_scaling=rope_scaling(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            partial_rotary_factor=partial_rotary_factor(cfg),
+            rope_attention_factor=rope_attention_factor(cfg),
         )
         fields.update(overrides)
         args = cls(**fields)
@@ -110,8 +118,13 @@ def refuse_unimplemented(cfg: dict[str, Any], arch: str, context_length: int, wi
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(key) is not None:
             refuse(key, "soft-capped logits", "convert a supported architecture")
-    if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
-        refuse("partial_rotary_factor", "rotary embeddings on part of each head", "convert a supported architecture")
+    scaling = rope_scaling(cfg)
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        if context_length > original:
+            raise BadInput(f"context_length {context_length} is longer than this model's original "
+                           f"{original} positions: its longrope long factors are not implemented",
+                           f"convert with context_length = {original} or less", stage="inspect")
     if cfg.get("mlp_bias"):
         refuse("mlp_bias", "biases on the MLP projections", "convert a supported architecture")
     for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
@@ -150,19 +163,52 @@ def rope_scaling(cfg: dict[str, Any]) -> dict | None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
         return None
-    if kind not in ("llama3", "linear"):
+    if kind not in ("llama3", "linear", "longrope"):
         raise BadInput(f"rope scaling {kind!r} is not supported",
-                       "supported rope types: default, linear, llama3")
+                       "supported rope types: default, linear, llama3, longrope")
     params["rope_type"] = kind
+    if kind == "longrope":
+        params.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        if not params.get("short_factor") or not params["original_max_position_embeddings"]:
+            raise BadInput("longrope scaling without short_factor or original_max_position_embeddings",
+                           "restore the model's original config.json", stage="inspect")
     return params
 
 
+def partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    value = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise BadInput(f"config.json has partial_rotary_factor = {value!r}, not a fraction in (0, 1]",
+                       "restore the model's original config.json", stage="inspect")
+    return float(value)
+
+
+def rope_attention_factor(cfg: dict[str, Any]) -> float:
+    """longrope scales cos and sin by this, as transformers does: the config's
+    ``attention_factor``, else sqrt(1 + ln(factor) / ln(original length)) with
+    factor = max_position_embeddings / original_max_position_embeddings."""
+    s = rope_scaling(cfg)
+    if s is None or s["rope_type"] != "longrope":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    original = float(s["original_max_position_embeddings"])
+    factor = s.get("factor") or float(cfg.get("max_position_embeddings", original)) / original
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    dim = args.head_dim
+    dim = args.rotary_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     s = args.rope_scaling
     if s is None:
         return inv
+    if s["rope_type"] == "longrope":
+        # the short factors: refuse_unimplemented keeps the context within the original length
+        return inv / torch.tensor(s["short_factor"], dtype=torch.float64)
     factor = float(s["factor"])
     if s["rope_type"] == "linear":
         return inv / factor
@@ -180,7 +226,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 def rope_tables(args: ModelArgs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = torch.outer(torch.arange(length, dtype=torch.float64), rope_inv_freq(args))
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    scale = args.rope_attention_factor
+    return (emb.cos() * scale).float(), (emb.sin() * scale).float()
 
 
 _building = threading.local()
@@ -239,6 +286,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the first ``cos.shape[-1]`` dims of each head (all of
+    them unless the rotary factor is partial); the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over the shared KV cache. ``q_norm``/``k_norm``
     hooks let architectures with per-head norms (Qwen3) reuse the rest."""
@@ -268,8 +325,7 @@ class Attention(nn.Module):
         k = self.k_proj(xc).view(self.n_kv, hd, seq).transpose(1, 2)
         v = self.v_proj(xc).view(self.n_kv, hd, seq).transpose(1, 2)
         q, k = self.norm_qk(q, k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
         layers = self.args.num_hidden_layers
         i, pos = self.layer_idx, current_pos[0]
@@ -401,12 +457,38 @@ class AneLM(nn.Module):
         return self.lm_head(hidden_states)
 
     # --- weights ---------------------------------------------------------
+    # Checkpoint tensors that hold several of our parameters stacked by rows
+    # (Phi-3's qkv_proj, gate_up_proj): their module name -> ours, in order.
+    fused: dict[str, tuple[str, ...]] = {}
+
+    def _source_of(self, name: str) -> tuple[str, int, int] | None:
+        """For a parameter held in a fused checkpoint tensor: that tensor's name
+        and the rows that are ours; None for a parameter stored as it is."""
+        parent, _, leaf = name.rpartition(".")
+        owner, _, module = parent.rpartition(".")
+        for theirs, ours in self.fused.items():
+            if module in ours and owner.endswith(theirs.rpartition(".")[0]) and leaf == "weight":
+                start = 0
+                for part in ours:
+                    rows = self.get_parameter(f"{owner}.{part}.weight").shape[0]
+                    if part == module:
+                        return f"{owner}.{theirs.rpartition('.')[2]}.weight", start, start + rows
+                    start += rows
+        return None
+
+    def _read(self, get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+        source = self._source_of(name)
+        if source is None:
+            return get(name)
+        fused, start, end = source
+        return get(fused)[start:end]
+
     def load_weights(self, get: Callable[[str], torch.Tensor]) -> None:
         """Fill every parameter from the checkpoint through ``get(name)``."""
         for name, param in self.named_parameters():
             if name.startswith("lm_head.splits."):
                 continue
-            tensor = get(name)
+            tensor = self._read(get, name)
             if param.dim() == 4 and tensor.dim() == 2:
                 tensor = tensor[:, :, None, None]
             _copy(name, param, tensor)
@@ -420,8 +502,17 @@ class AneLM(nn.Module):
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         """The checkpoint tensors this model reads, with their expected shapes."""
-        out = {name: expected_shape(name, p) for name, p in self.named_parameters()
-               if not name.startswith("lm_head.splits.")}
+        out: dict[str, tuple[int, ...]] = {}
+        for name, p in self.named_parameters():
+            if name.startswith("lm_head.splits."):
+                continue
+            source = self._source_of(name)
+            if source is None:
+                out[name] = expected_shape(name, p)
+            else:
+                fused, _, end = source
+                rows = max(end, out.get(fused, (0,))[0])
+                out[fused] = (rows, *expected_shape(name, p)[1:])
         if self.lm_head is not None:
             key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
             out[key] = (self.args.vocab_size, self.args.hidden_size)
