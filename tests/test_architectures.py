@@ -80,12 +80,18 @@ def test_keys_that_ask_for_nothing_more_are_accepted(tiny_models, tmp_path):
     assert plan(folder).architecture == "qwen2"
 
 
-@pytest.fixture(scope="module")
-def mistral_engine(tmp_path_factory):
+CONVERTED = {"mistral": dict(sliding_window=8), "phi3": dict(sliding_window=8)}
+
+
+@pytest.fixture(scope="module", params=sorted(CONVERTED))
+def converted_engine(request, tmp_path_factory):
+    """A tiny model of the architecture with a window of 8, converted without
+    LUT and run by the portable executor: (its HF folder, the engine)."""
     from anemlld.runtime.engine import Engine
 
-    src = make_tiny_model("mistral", tmp_path_factory.mktemp("hf") / "mistral", seed=3, sliding_window=8)
-    out = tmp_path_factory.mktemp("ane") / "mistral-ane"
+    arch = request.param
+    src = make_tiny_model(arch, tmp_path_factory.mktemp("hf") / arch, seed=3, **CONVERTED[arch])
+    out = tmp_path_factory.mktemp("ane") / f"{arch}-ane"
     pipeline.convert(src, out, ConvertOptions.from_mapping({"context_length": 64, "batch_size": 16,
                                                             "lut_embeddings": "none", "lut_ffn": "none",
                                                             "lut_lm_head": "none"}))
@@ -93,12 +99,12 @@ def mistral_engine(tmp_path_factory):
 
 
 @torch.no_grad()
-def test_mistral_with_a_window_of_8_matches_transformers_over_40_tokens_through_prefill_and_steps(mistral_engine):
+def test_converted_models_with_a_window_of_8_match_transformers_over_40_tokens(converted_engine):
     from transformers import AutoModelForCausalLM
 
     from anemlld.runtime.sampling import Sampler, SamplingParams
 
-    src, engine = mistral_engine
+    src, engine = converted_engine
     assert engine.layout.params["sliding_window"] == 8
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     prompt = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
