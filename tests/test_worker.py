@@ -186,6 +186,16 @@ def test_a_worker_that_dies_on_every_load_leaves_the_model_failed_after_3_tries(
     service.unload("crashy")
 
 
+def test_stopping_residency_ends_every_worker(service):
+    service.load("tiny")
+    service.load("crashy")
+    pids = [record["pid"] for record in service.ps()]
+    assert len(set(pids)) == 2
+    t0 = time.monotonic()
+    service.residency.stop()
+    assert not [pid for pid in pids if psutil.pid_exists(pid)] and time.monotonic() - t0 < 5
+
+
 # -- a real daemon --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
