@@ -25,6 +25,16 @@ order of its writes:
    exists) is not queued again by the watcher. ``retry`` and the ``convert``
    op are explicit requests and skip only the queued, running and done ones.
 
+Each conversion runs in a child process of its own
+(anemlld/convert/process.py), so that the out-of-memory killer or a crash in
+native code takes only the child and its memory goes back to the system.
+A child that dies is started again, from its last finished part, up to
+``ATTEMPTS`` times in all; then the job fails naming the signal, the stage and
+the peak memory. Before its heavy work the child reports its plan's peak
+memory estimate and waits until the system has that much available. Stopping
+ends the child at once: the part it was making is lost, the finished ones
+are kept for the resume.
+
 An input submitted from the drop folder moves to the failed folder when it
 fails. One given by path (the ``convert`` op) elsewhere stays where it is, and
 its ``error.json`` goes to ``FAILED/<folder name>.error.json``.
