@@ -597,6 +597,7 @@ class Residency:
             reload = not failed and bool(model.queue) and self._models.get(model.name) is model
             if reload:
                 model.engine, model._cache, model.state = None, None, "loading"
+                model.ready.clear()  # `load` and `pin` wait for the new worker
             else:
                 self._remove(model)
         if not reload:
