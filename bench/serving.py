@@ -385,6 +385,8 @@ def main() -> None:
           f"{hop_out:+.2f} ms), tok/s {(hop_r - 1) * 100:+.1f}%; targets < 1 ms: "
           f"{'met' if hop_dt < 1 else 'MISSED'} (outside the prefill: {'met' if hop_out < 1 else 'MISSED'}), "
           f"tok/s loss < 2%: {'met' if hop_r >= 0.98 else 'MISSED'}")
+    print(f"engine prefill, medians: thread {med(d['prefill_ms'] for d in f_done):.2f} ms, worker "
+          f"{med(d['prefill_ms'] for d in g_done):.2f} ms (the rest of TTFT is the hop's)")
     print(f"load: in-process engine {local_load_ms:.0f} ms (torch imported), model on a thread "
           f"{threaded.load_ms:.0f} ms, worker process {worker.load_ms:.0f} ms (spawn, imports, load); "
           f"worker memory {worker_memory / (1 << 20):.0f} MB" if worker_memory else "worker memory unknown")
