@@ -59,8 +59,9 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`); then shut down in a
-        few seconds: the current generation is cancelled, a conversion in
-        progress stops at its next stage and resumes at the next start."""
+        few seconds: the current generation is cancelled, a conversion's child
+        process is ended (its finished parts stay) and the conversion resumes
+        at the next start."""
         t = time.perf_counter()
         self.server.bind()  # first: a second daemon on the same home fails fast
         if self.http is not None:
