@@ -40,7 +40,6 @@ exception becomes an ``internal`` error for that request and a logged traceback.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -51,7 +50,7 @@ import stat
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,11 +58,10 @@ import zmq
 
 from anemlld import __version__
 from anemlld.registry import ModelEntry
-from anemlld.service import Generation, Service, wire_safe, zero_stats
+from anemlld.service import Generation, Service, wire_safe
 from shared import protocol as p
 from shared.errors import AnemllError
 from shared.protocol import ProtocolError, encode_error, encode_event
-from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

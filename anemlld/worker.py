@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import select
 import signal
 import subprocess
 import sys
@@ -38,8 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-import msgpack
-
+from anemlld.channel import Channel
 from shared.errors import AnemllError
 
 if TYPE_CHECKING:
@@ -62,46 +60,6 @@ class WorkerDied(AnemllError):
         super().__init__(f"model {name!r} stopped ({reason}) and will be reloaded on the next request",
                          "the daemon's log has the details", stage="worker", code="model_failed")
         self.reason = reason
-
-
-class Channel:
-    """msgpack maps over a pair of pipe descriptors. ``send`` is thread-safe;
-    one thread at a time receives."""
-
-    def __init__(self, rfd: int, wfd: int):
-        self.rfd, self.wfd = rfd, wfd
-        self._unpacker = msgpack.Unpacker(raw=False)
-        self._send_lock = threading.Lock()
-        self.closed = False
-
-    def send(self, message: Mapping[str, Any]) -> None:
-        data = memoryview(msgpack.packb(message, use_bin_type=True))
-        with self._send_lock:
-            while data:
-                data = data[os.write(self.wfd, data):]
-
-    def recv(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next map; None if ``timeout`` passed first. EOFError when the other end is gone."""
-        while True:
-            try:
-                return next(self._unpacker)
-            except StopIteration:
-                pass
-            if timeout is not None and not select.select([self.rfd], [], [], timeout)[0]:
-                return None
-            chunk = os.read(self.rfd, 1 << 16)
-            if not chunk:
-                raise EOFError("the other end of the channel is gone")
-            self._unpacker.feed(chunk)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            for fd in (self.wfd, self.rfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
 
 
 # -- the daemon's side ------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -37,8 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
+from anemlld.channel import Channel
 from anemlld.convert import memory
 
 log = logging.getLogger(__name__)
@@ -51,16 +49,6 @@ DIE_ENV = "ANEMLLD_TEST_CHILD_DIES"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _pack(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 # -- the daemon's side ---------------------------------------------------------
 
 class ConversionProcess:
@@ -70,8 +58,8 @@ class ConversionProcess:
     """
 
     def __init__(self, src: Path, out: Path, options: dict[str, Any], attempt: int = 1):
-        control_r, self._control = os.pipe()
-        self._events, events_w = os.pipe()
+        control_r, control_w = os.pipe()
+        events_r, events_w = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         try:
@@ -79,37 +67,41 @@ class ConversionProcess:
                 [sys.executable, "-m", "anemlld.convert.process", "--control", str(control_r),
                  "--events", str(events_w)],
                 pass_fds=(control_r, events_w), stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            os.close(control_w)
+            os.close(events_r)
+            raise
         finally:
             os.close(control_r)
             os.close(events_w)
+        self._channel = Channel(events_r, control_w)
         self.pid = self.proc.pid
         self.stage = "inspect"
         self.rss = 0
         self.peak = 0
         self.stage_peaks: dict[str, int] = {}
-        self._unpacker = msgpack.Unpacker(raw=False)
         self._eof = False
         self._sampled = 0.0
         self.send({"spec": {"src": str(src), "out": str(out), "options": options, "attempt": attempt}})
 
     def send(self, message: dict[str, Any]) -> None:
         try:
-            _write_all(self._control, _pack(message))
+            self._channel.send(message)
         except OSError:
             pass  # the child is gone; poll says so
 
     def poll(self, timeout: float) -> list[dict[str, Any]]:
-        """The frames that arrive within ``timeout`` seconds (at most one read)."""
+        """The frames that arrive within ``timeout`` seconds, and any right behind them."""
         frames: list[dict[str, Any]] = []
         if not self._eof:
-            ready, _, _ = select.select([self._events], [], [], timeout)
-            if ready:
-                data = os.read(self._events, 1 << 16)
-                if data:
-                    self._unpacker.feed(data)
-                    frames = [f for f in self._unpacker if isinstance(f, dict)]
-                else:
-                    self._eof = True
+            try:
+                frame = self._channel.recv(timeout)
+                while frame is not None:
+                    if isinstance(frame, dict):
+                        frames.append(frame)
+                    frame = self._channel.recv(0)
+            except EOFError:
+                self._eof = True
         else:
             time.sleep(min(timeout, 0.05))
         self._sample()
@@ -152,12 +144,7 @@ class ConversionProcess:
         self.close()
 
     def close(self) -> None:
-        for fd in (self._control, self._events):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._control = self._events = -1
+        self._channel.close()
         if self.proc.poll() is None:
             try:
                 self.proc.wait(5)
@@ -168,22 +155,8 @@ class ConversionProcess:
 
 # -- the child's side ----------------------------------------------------------
 
-class _Events:
-    """The child's end of the events pipe, shared by threads (the quantizer's
-    workers log too)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.lock = threading.Lock()
-
-    def send(self, message: dict[str, Any]) -> None:
-        data = _pack(message)
-        with self.lock:
-            _write_all(self.fd, data)
-
-
 class _LogToDaemon(logging.Handler):
-    def __init__(self, events: _Events):
+    def __init__(self, events: Channel):
         super().__init__()
         self.events = events
 
@@ -194,16 +167,15 @@ class _LogToDaemon(logging.Handler):
             self.handleError(record)
 
 
-def _read_control(fd: int, unpacker: msgpack.Unpacker) -> dict[str, Any]:
+def _read_control(channel: Channel) -> dict[str, Any]:
     """The next control frame; exits the process when the daemon is gone."""
     while True:
-        for frame in unpacker:
-            if isinstance(frame, dict):
-                return frame
-        data = os.read(fd, 1 << 16)
-        if not data:
+        try:
+            frame = channel.recv()
+        except EOFError:
             os._exit(75)  # no daemon to report to; the job resumes from its parts at the next start
-        unpacker.feed(data)
+        if isinstance(frame, dict):
+            return frame
 
 
 def _die_hook(attempt: int):
@@ -224,19 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", type=int, required=True)
     ap.add_argument("--events", type=int, required=True)
     ns = ap.parse_args(argv)
-    events = _Events(ns.events)
+    events = Channel(ns.control, ns.events)  # sends are thread-safe: the quantizer's threads log too
     root = logging.getLogger()
     root.handlers[:] = [_LogToDaemon(events)]
     root.setLevel(logging.INFO)
     for noisy in ("coremltools", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    unpacker = msgpack.Unpacker(raw=False)
-    spec = _read_control(ns.control, unpacker)["spec"]
+    spec = _read_control(events)["spec"]
     go = threading.Event()
 
     def listen() -> None:  # after the spec, the control pipe only says go, or closes
         while True:
-            if _read_control(ns.control, unpacker).get("go"):
+            if _read_control(events).get("go"):
                 go.set()
     threading.Thread(target=listen, name="control", daemon=True).start()
 

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from anemlld.http import bridge
-from anemlld.http.bridge import ApiError, Events, take
+from anemlld.http.bridge import ApiError, take
 from anemlld.http.guard import error_body
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
