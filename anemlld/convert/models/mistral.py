@@ -5,17 +5,9 @@ the causal mask the engine sends (``sliding_window`` in meta.yaml); the KV
 cache keeps the whole context."""
 from __future__ import annotations
 
-from typing import Any
-
-from anemlld.convert.models.base import AneLM, Attention, ModelArgs
+from anemlld.convert.models.llama import Model, model_args
 
 PREFIX = "mistral"
 SLIDING_WINDOW = True
 
-
-def model_args(cfg: dict[str, Any]) -> ModelArgs:
-    return ModelArgs.from_config(cfg)
-
-
-class Model(AneLM):
-    attention = Attention
+__all__ = ["Model", "model_args", "PREFIX", "SLIDING_WINDOW"]
