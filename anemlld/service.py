@@ -172,6 +172,10 @@ class Service:
         return _job_reply(_call_jobs(self._jobs().convert_path, path, **extra), name)
 
     def retry(self, name: str) -> dict[str, Any]:
+        """Convert a failed model again; one that failed because its worker kept
+        dying needs no conversion: it is servable again (``job`` is None)."""
+        if self.residency.forgive(name):
+            return {"job": None, "name": name}
         return _job_reply(_call_jobs(self._jobs().retry, name), name)
 
     def _jobs(self) -> Any:

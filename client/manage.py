@@ -90,7 +90,12 @@ def _queue(conn: Connection, request: Request, watch: bool, out: TextIO, json_ou
     if json_out:
         json_out(event)
     else:
-        out.write(f"queued job {event.get('job', '?')}: {event.get('name') or getattr(request, 'name', '')}\n")
+        name = event.get('name') or getattr(request, 'name', '')
+        if event.get("job") is None and isinstance(request, Retry):
+            out.write(f"{name} can be loaded again (its worker had stopped; no conversion needed)\n")
+            out.flush()
+            return 0
+        out.write(f"queued job {event.get('job', '?')}: {name}\n")
         if not watch:
             out.write("follow it with: anemll-chat --jobs --watch\n")
         out.flush()

@@ -268,3 +268,23 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_retry_of_a_model_whose_worker_kept_dying_makes_it_servable_without_converting(tmp_path):
+    from anemlld.residency import Residency
+    from anemlld.service import Service
+    from tests.test_residency import FakeLoader, make_registry, make_settings
+
+    registry = make_registry(tmp_path, {"pico": 10})
+    error = {"code": "model_failed", "stage": "worker", "message": "its worker stopped 3 times in 10 minutes",
+             "hint": "load it to try again"}
+    registry.upsert("pico", state="failed", error=error)
+    residency = Residency(make_settings(tmp_path, memory_budget=0), registry, FakeLoader())
+    try:
+        service = Service(residency.settings, registry, residency, jobs=None)  # no jobs: nothing to convert
+        assert service.retry("pico") == {"job": None, "name": "pico"}
+        assert registry.get("pico").state == "ready" and registry.get("pico").error is None
+        with pytest.raises(AnemllError, match="does not run conversion jobs"):
+            service.retry("pico")  # no longer failed by its worker: a retry would mean converting
+    finally:
+        residency.stop()
