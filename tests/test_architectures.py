@@ -13,6 +13,7 @@ import torch
 
 from anemlld.convert import pipeline
 from shared.errors import BadInput
+from anemlld.runtime.sampling import SamplingParams
 from shared.options import ConvertOptions
 from tests.conftest import make_tiny_model
 
@@ -119,3 +120,32 @@ def test_converted_models_with_a_window_of_8_match_transformers_over_40_tokens(c
             assert greedy(logits, ids, []) == int(want.argmax()), step
         ids.append(int(want.argmax()))
         logits = engine.feed(session, ids[-1:])
+
+
+def test_the_daemons_worker_serves_each_new_architecture_with_the_engines_greedy_tokens(converted_engine, tmp_path):
+    """Through the service and a worker process, as the daemon serves a model."""
+    import dataclasses
+
+    from anemlld.registry import Registry
+    from anemlld.residency import Residency
+    from anemlld.service import Service
+    from shared import protocol
+    from shared.settings import Settings
+    from tests.test_worker import Recorder, finished
+
+    _, engine = converted_engine
+    prompt = "The shell reads a line of input"
+    want = engine.complete(prompt=prompt, params=SamplingParams(max_tokens=12)).token_ids
+    settings = dataclasses.replace(Settings.load(home=tmp_path / "home"), memory_budget=0)
+    registry = Registry()
+    registry.upsert("m", state="ready", path=str(engine.layout.root), size_bytes=1 << 20)
+    residency = Residency(settings, registry)  # the daemon's: a worker process
+    try:
+        rec = Recorder()
+        Service(settings, registry, residency).generate(
+            protocol.Generate(id="a", model="m", prompt=prompt, max_tokens=12, temperature=0.0), rec)
+        finished(rec, timeout=60)
+        assert rec.failure is None and rec.tokens == want and len(want) == 12
+        assert residency.ps()[0]["pid"] is not None
+    finally:
+        residency.stop()
