@@ -17,6 +17,7 @@ chunk per token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import json
 import logging
@@ -24,11 +25,12 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 
 from anemlld.service import Generation, NotReady
+from shared import protocol as p
 from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
@@ -241,25 +243,17 @@ class EventStream:
             self.generation.cancel()
 
 
-async def until_finished(request: Request, stream: EventStream,
-                         on_events: Callable[[list[tuple[Any, ...]]], Awaitable[None] | None]) -> None:
-    """Feed every event to ``on_events`` until done or error, cancelling the
-    generation if the client disconnects first (for answers sent whole)."""
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        while not stream.finished:
-            events = asyncio.ensure_future(stream.next())
-            finished, _ = await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if events not in finished:
-                events.cancel()
-                stream.cancel()
-                log.info("an HTTP client left before its answer: generation cancelled")
-                raise ClientGone()
-            result = on_events(events.result())
-            if asyncio.iscoroutine(result):
-                await result
-    finally:
-        gone.cancel()
+async def _next_unless_gone(stream: EventStream, gone: asyncio.Future, timeout: float | None = None) -> Events:
+    """The stream's next events (waiting up to ``timeout``); ClientGone, with
+    the generation cancelled, if the client disconnects first."""
+    events = asyncio.ensure_future(stream.next(timeout))
+    finished, _ = await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if events not in finished:
+        events.cancel()
+        stream.cancel()
+        log.info("an HTTP client left before its answer: generation cancelled")
+        raise ClientGone()
+    return events.result()
 
 
 class ClientGone(Exception):
@@ -283,10 +277,6 @@ Events = list[tuple[Any, ...]]
 def build_generate(rid: str, shown: Mapping[str, str], **fields: Any):
     """The protocol's ``Generate`` record from a dialect's fields, every check
     run under the name the client used (``shown``: protocol name -> client's)."""
-    import dataclasses
-
-    from shared import protocol as p
-
     given = {k: v for k, v in fields.items() if v is not None}
     checks = {f.name: f.metadata["check"] for f in dataclasses.fields(p.Generate)}
     for key, value in given.items():
@@ -320,17 +310,8 @@ async def first_events(request: Request, stream: EventStream) -> Events:
     deadline = loop.time() + KEEPALIVE_S
     got: Events = []
     try:
-        while not any(kind != "progress" for kind, *_ in got):
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            events = asyncio.ensure_future(stream.next(left))
-            finished, _ = await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if events not in finished:
-                events.cancel()
-                stream.cancel()
-                raise ClientGone()
-            got += events.result()
+        while not any(kind != "progress" for kind, *_ in got) and (left := deadline - loop.time()) > 0:
+            got += await _next_unless_gone(stream, gone, left)
         return got
     finally:
         gone.cancel()
@@ -377,8 +358,12 @@ async def collect(request: Request, stream: EventStream, first: Events) -> tuple
                 done.update(rest[0])
 
     take(first)
-    if not stream.finished:
-        await until_finished(request, stream, take)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while not stream.finished:
+            take(await _next_unless_gone(stream, gone))
+    finally:
+        gone.cancel()
     return "".join(parts), done
 
 

@@ -6,6 +6,7 @@ Ollama names models ``name:tag``; a model here is ``name`` and answers to
 ``name:latest`` too, which is how it is listed."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -194,8 +195,6 @@ class Ollama:
 
     async def _load_or_unload(self, name: str, shown: str, keep_alive: float | None, chat: bool) -> Response:
         """An empty prompt loads the model; with keep_alive 0 it unloads it."""
-        import asyncio
-
         if keep_alive == 0:
             self.service.unload(name)
             reason = "unload"
