@@ -154,6 +154,14 @@ def take(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where
     return value
 
 
+INTEGER_FIELDS = ("max_tokens", "top_k", "seed")  # the protocol's whole-number sampling fields
+
+
+def number_kind(field: str) -> type | tuple[type, ...]:
+    """What ``take`` should accept for the protocol's sampling ``field``."""
+    return int if field in INTEGER_FIELDS else (int, float)
+
+
 def duration(value: Any, name: str) -> float | None:
     """Ollama's keep_alive: a duration string, seconds, negative = forever."""
     from shared.settings import FOREVER, parse_duration

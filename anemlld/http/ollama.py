@@ -177,8 +177,7 @@ class Ollama:
                               unsupported=UNSUPPORTED_OPTIONS)
         fields: dict[str, Any] = {}
         for key, ours in OPTIONS.items():
-            kind = int if ours in ("max_tokens", "top_k", "seed") else (int, float)
-            value = take(options, key, list if key == "stop" else kind, "options.")
+            value = take(options, key, list if key == "stop" else bridge.number_kind(ours), "options.")
             if value is not None:
                 fields[ours] = value
         num_ctx = take(options, "num_ctx", int, "options.")

@@ -116,8 +116,7 @@ class OpenAI:
         bridge.refuse_unknown(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, unsupported=UNSUPPORTED)
         _refuse_unless_default(body)
         name = bridge.model_name(body.get("model"))
-        fields: dict[str, Any] = {k: take(body, k, (int, float) if k != "seed" and k != "top_k" else int)
-                                  for k in SAMPLING}
+        fields: dict[str, Any] = {k: take(body, k, bridge.number_kind(k)) for k in SAMPLING}
         limits = {k: take(body, k, int) for k in ("max_tokens", "max_completion_tokens")}
         if None not in limits.values() and limits["max_tokens"] != limits["max_completion_tokens"]:
             raise ApiError(400, "max_tokens and max_completion_tokens disagree: send one of them",
