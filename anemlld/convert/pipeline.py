@@ -242,7 +242,8 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
              + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
     st = _Stages(progress, total)
-    st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
+    skipped = f"; the text model only, {p.source.skipped} other tensors skipped" if p.source.skipped else ""
+    st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks{skipped}")
 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
                            (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
