@@ -69,11 +69,12 @@ def make_tiny_model(arch: str, dest: Path, seed: int = 0, dtype: str = "float32"
                   eos_token_id=[4, 1], pad_token_id=5, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # Norm weights start at one; randomize them so a wrong norm cannot hide.
+    # Norm weights start at one (Gemma's at zero: it scales by 1 + weight);
+    # randomize them so a wrong norm cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if arch == "gemma3" else p.uniform_(0.5, 1.5)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     model.to(getattr(torch, dtype)).save_pretrained(dest, safe_serialization=True)

@@ -77,6 +77,19 @@ class HFSource:
 
     def get(self, name: str):
         """One tensor, read from its memory-mapped shard."""
+        return self._read(name, lambda handle, theirs: handle.get_tensor(theirs))
+
+    def rows(self, name: str, ids: list[int]):
+        """Rows ``ids`` of a 2-D tensor, read one by one (an embedding table
+        need not be read whole for a few tokens)."""
+        import torch
+
+        def read(handle, theirs):
+            piece = handle.get_slice(theirs)
+            return torch.cat([piece[i:i + 1] for i in ids])
+        return self._read(name, read)
+
+    def _read(self, name: str, read):
         from safetensors import safe_open
 
         shard = self.shards.get(name)
@@ -90,7 +103,7 @@ class HFSource:
             except Exception as e:  # safetensors raises its own error types
                 raise _corrupt(shard, e) from None
         try:
-            return handle.get_tensor(self.names.get(name, name))
+            return read(handle, self.names.get(name, name))
         except Exception as e:
             raise _corrupt(shard, e) from None
 
