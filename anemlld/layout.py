@@ -85,6 +85,12 @@ class Layout:
         return int(self.params.get("split_lm_head", 8))
 
     @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding-window layers, None if every layer is full."""
+        value = self.params.get("sliding_window")
+        return int(value) if value else None
+
+    @property
     def architecture(self) -> str:
         return str(self.info.get("architecture", "llama"))
 
@@ -157,7 +163,7 @@ def read_meta(root: str | Path) -> Layout:
     missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
-    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head"):
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from anemlld.convert.models import ARCHITECTURES, build
-from anemlld.convert.models.base import causal_mask, sliding_window
+from anemlld.convert.models.base import causal_mask
 from anemlld.convert.pipeline import split_layers
 from anemlld.convert.source import HFSource
 
@@ -26,8 +26,6 @@ def chained(arch: str, src: HFSource, chunks: int, ctx: int = CTX):
     shared = parts[0].model.kv_cache_0
     for m in parts[1:]:
         m.model.kv_cache_0 = shared
-    for m in parts:  # the window is the engine's mask in the converted model; here it is run()'s
-        m.sliding_window = sliding_window(src.config, ctx)
     return ends, parts, shared
 
 
@@ -36,7 +34,9 @@ def run(ends, parts, ids: list[int], start: int) -> torch.Tensor:
     pos = torch.arange(start, start + len(ids), dtype=torch.int32)
     h = ends.embed(torch.tensor([ids], dtype=torch.int32))
     for m in parts:
-        h = m.layers_forward(h, pos, causal_mask(pos, m.context_length, window=m.sliding_window), pos[:1])
+        window = m.args.sliding_window
+        local = causal_mask(pos, m.context_length, window=window) if window else None
+        h = m.layers_forward(h, pos, causal_mask(pos, m.context_length), pos[:1], local)
     return torch.cat(ends.head(h[:, -1:]), dim=-1)[0, 0]
 
 

@@ -1,10 +1,11 @@
 """Gemma 3: the configs it comes in (transformers 5's rope_parameters per layer
 type, older files' rope_local_base_freq and sliding_window_pattern, the
 multimodal checkpoint's text part) give the model transformers computes; what
-it does not implement is refused by name; converted, it matches transformers
-through the portable executor, and `anemlld verify` says so; a model whose
-residual stream passes fp16's range (transformers in fp16 gives non-finite
-logits) is rescaled at conversion and still matches the fp32 reference."""
+it does not implement is refused by name; a model whose residual stream
+passes fp16's range (transformers in fp16 gives non-finite logits) is
+rescaled at conversion and, converted, still matches the fp32 reference.
+Converted Gemma 3 with a window shorter than the test sequences is checked
+beside Mistral and Phi-3 in test_architectures.py."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from anemlld.convert.source import HFSource
 from shared.errors import BadInput
 from shared.options import ConvertOptions
 from tests.conftest import make_tiny_model
-from tests.test_architectures import plan, with_config
+from tests.test_architectures import assert_matches, plan, with_config
 
 PROMPT = [2, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
 NO_LUT = {"context_length": 64, "batch_size": 16, "lut_embeddings": "none", "lut_ffn": "none", "lut_lm_head": "none"}
@@ -33,7 +34,8 @@ def torch_logits(folder, ids: list[int]) -> torch.Tensor:
     lm = build(p.architecture, p.args, context_length=64, lm_head_split=4)
     lm.load_weights(p.source.get)
     pos = torch.arange(len(ids))
-    h = lm.layers_forward(lm.embed(torch.tensor([ids])), pos, causal_mask(pos, 64), torch.zeros(1, dtype=torch.int32))
+    h = lm.layers_forward(lm.embed(torch.tensor([ids])), pos, causal_mask(pos, 64), torch.zeros(1, dtype=torch.int32),
+                          causal_mask(pos, 64, window=p.args.sliding_window))
     return torch.cat(lm.head(h), -1)[0]
 
 
@@ -73,7 +75,7 @@ def test_an_older_config_with_rope_local_base_freq_and_a_pattern_matches_transfo
     (folder / "config.json").write_text(json.dumps(cfg))
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert ref.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
-    assert plan(folder).args.layer_windows == (64, None, 64)
+    assert plan(folder).args.layer_windows == (4, None, 4)
     assert (torch_logits(folder, PROMPT) - reference_logits(ref, PROMPT)).abs().max() < 1e-4
 
 
@@ -82,7 +84,7 @@ def test_the_text_part_of_a_multimodal_gemma3_checkpoint_matches_transformers(tm
     import transformers
 
     text = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, sliding_window=64, rms_norm_eps=1e-5)
+                num_key_value_heads=2, head_dim=16, sliding_window=4, rms_norm_eps=1e-5)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=28, patch_size=14)
     torch.manual_seed(1)
@@ -113,58 +115,12 @@ def test_gemma3_config_keys_we_do_not_implement_are_refused_by_name(tiny_models,
     assert "gemma3 does not implement" in info.value.message and info.value.hint
 
 
-@pytest.fixture(scope="module")
-def converted_gemma(tmp_path_factory):
-    """The tiny Gemma 3, converted without LUT: (its HF folder, the engine)."""
-    from anemlld.runtime.engine import Engine
-
-    src = make_tiny_model("gemma3", tmp_path_factory.mktemp("hf") / "gemma3", seed=3)
-    out = tmp_path_factory.mktemp("ane") / "gemma3-ane"
-    pipeline.convert(src, out, ConvertOptions.from_mapping(NO_LUT))
-    return src, Engine(out, executor="portable")
-
-
-def assert_matches(engine, ref, prompt: list[int], steps: int, tolerance: float) -> None:
-    """Prefill ``prompt``, then ``steps`` single tokens, each step's logits
-    against transformers in fp32 (greedy tokens equal away from near-ties)."""
-    from anemlld.runtime.sampling import Sampler, SamplingParams
-
-    session = engine.new_session()
-    logits = engine.feed(session, prompt)
-    ids, greedy = list(prompt), Sampler(SamplingParams())
-    for step in range(steps):
-        want = reference_logits(ref, ids)[-1]
-        assert abs(logits.astype("float64") - want.double().numpy()).max() < tolerance, step
-        top2 = torch.topk(want, 2).values
-        if float(top2[0] - top2[1]) > tolerance:
-            assert greedy(logits, ids, []) == int(want.argmax()), step
-        ids.append(int(want.argmax()))
-        logits = engine.feed(session, ids[-1:])
-
-
-def test_converted_gemma3_matches_transformers_over_40_tokens(converted_gemma):
-    from transformers import AutoModelForCausalLM
-
-    src, engine = converted_gemma
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    assert_matches(engine, ref, PROMPT, 20, 0.05)  # fp16 parts
-
-
-def test_anemlld_verify_reports_converted_gemma3_close_to_transformers(converted_gemma):
-    from anemlld.runtime.verify import verify
-
-    _, engine = converted_gemma
-    report = verify(engine.layout.root, max_tokens=100, engine=engine)
-    assert report.tokens >= 90 and report.greedy_agreement > 0.9
-    assert abs(report.perplexity / report.reference_perplexity - 1) < 0.02 and report.max_abs_logit_diff < 0.2
-
-
 def hot_gemma(dest, weight: float = 130000.0):
     """The tiny Gemma 3 with one channel of layer 0's post-feedforward norm
     at ``weight``: its residual stream reaches about 2e5 there."""
     from transformers import AutoModelForCausalLM
 
-    make_tiny_model("gemma3", dest, seed=5)
+    make_tiny_model("gemma3", dest, seed=5, sliding_window=8)
     model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
     with torch.no_grad():
         model.model.layers[0].post_feedforward_layernorm.weight[7] = weight

@@ -115,13 +115,14 @@ def measure(args: ModelArgs, chunks: list[range], load: Callable[..., AneLM], em
     peaks.peak, peaks.peak_at, peaks.residual = value, "the embeddings", value
     positions = torch.arange(len(ids))
     mask = causal_mask(positions, context_length)
+    local = causal_mask(positions, context_length, window=args.within(context_length).sliding_window)
     with torch.no_grad():
         for layers in chunks:
             lm = load(layers=layers, embeddings=False, lm_head=False)
             for i in layers:
                 lm.model.layers[i].register_forward_pre_hook(lambda *_, i=i: setattr(peaks, "where", f"layer {i}"))
             with peaks:
-                h = lm.layers_forward(h, positions, mask, torch.zeros(1, dtype=torch.int32))
+                h = lm.layers_forward(h, positions, mask, torch.zeros(1, dtype=torch.int32), local)
             del lm
     return peaks
 

@@ -77,6 +77,7 @@ class Shapes:
     context: int
     batch: int
     kv: tuple[int, int, int, int]
+    local: int | None = None  # keys a sliding-window layer's mask covers; None: no such layers
 
 
 class EmbeddingsPart(nn.Module):
@@ -97,8 +98,8 @@ class ChunkPart(nn.Module):
         self.model = lm
         self.prefill = prefill
 
-    def forward(self, hidden_states, position_ids, causal_mask, current_pos):
-        return self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos,
+    def forward(self, hidden_states, position_ids, causal_mask, current_pos, local_mask=None):
+        return self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos, local_mask,
                                          last_only=self.prefill)
 
 
@@ -189,14 +190,17 @@ def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = Non
     positions = torch.arange(seq, dtype=torch.int32)
     example = (torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions,
                causal_mask(positions, shapes.context, dtype), torch.zeros(1, dtype=torch.int32))
-    traced = _trace(ChunkPart(lm, prefill), example)
-    lm.reset_cache()  # tracing ran the model once; the state must start empty
     inputs = [
         ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16),
         ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
         ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
         ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
     ]
+    if shapes.local is not None:  # sliding-window layers: their own mask
+        example += (causal_mask(positions, shapes.local, dtype),)
+        inputs.append(ct.TensorType(name="local_mask", shape=(1, 1, seq, shapes.local), dtype=np.float16))
+    traced = _trace(ChunkPart(lm, prefill), example)
+    lm.reset_cache()  # tracing ran the model once; the state must start empty
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
     return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from anemlld.convert import calibrate, export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, sliding_window, split_sizes,
+from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, split_sizes,
                                          weights_loaded_later)
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
@@ -134,9 +134,9 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     source = HFSource.open(src_dir)
     arch = options.architecture or detect_architecture(source.config)
     module = ARCHITECTURES[arch]
-    args = module.model_args(source.config)
     refuse_unimplemented(source.config, arch, options.context_length,
                          windows=getattr(module, "SLIDING_WINDOW", False))
+    args = module.model_args(source.config).within(options.context_length)
     check_checkpoint(arch, args, source)
     n = choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
@@ -250,7 +250,8 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
         _calibrate(p, st)
 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
+                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim),
+                           local=o.context_length if args.sliding_window else None)
     try:
         _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
         for i, layers in enumerate(p.chunk_ranges):
@@ -434,9 +435,8 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
-    window = sliding_window(p.source.config, o.context_length)
-    if window is not None:  # every layer's window, applied by the engine's causal mask
-        params["sliding_window"] = window
+    if args.sliding_window is not None:  # the local layers' window, applied by the engine's local_mask
+        params["sliding_window"] = args.sliding_window
     for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
         if bits:
             params[f"lut_{part}_per_channel"] = o.lut_group_size

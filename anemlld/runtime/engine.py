@@ -29,6 +29,7 @@ import numpy as np
 
 from anemlld.layout import Layout, read_meta
 from anemlld.runtime import executors
+from anemlld.runtime.attention import Steps
 from anemlld.runtime.executors import INFER, PREFILL
 from anemlld.runtime.prefix_cache import Session, reusable
 from anemlld.runtime.sampling import Sampler, SamplingParams
@@ -242,12 +243,7 @@ class Engine:
         self.executor = executors.load(self.layout, executor, progress=progress, **executor_options)
         self.ctx = self.layout.context_length
         self.batch = self.layout.batch_size
-        rows = np.arange(self.ctx)
-        allowed = rows[None, :] <= rows[:, None]
-        window = self.layout.params.get("sliding_window")  # one window for every layer (Mistral)
-        if window:
-            allowed &= rows[None, :] > rows[:, None] - int(window)
-        self.mask = np.where(allowed, 0.0, -np.inf).astype(np.float16)
+        self.steps = Steps(self.layout)
         self.load_ms = (time.perf_counter() - t) * 1000
 
     @property
@@ -291,13 +287,12 @@ class Engine:
                 return None
             part = ids[i:i + b]
             h = ex.embed(np.asarray([part], dtype=np.int32))
-            hidden = ex.ffn(h, np.arange(pos, pos + b), self.mask[None, None, pos:pos + b], pos,
-                            session.state, PREFILL)
+            hidden = ex.ffn(h, self.steps.step(pos, b), session.state, PREFILL)
             session.tokens.extend(part)
             pos, i = pos + b, i + b
         for t in ids[i:]:
             h = ex.embed(np.asarray([[t]], dtype=np.int32))
-            hidden = ex.ffn(h, np.asarray([pos]), self.mask[None, None, pos:pos + 1], pos, session.state, INFER)
+            hidden = ex.ffn(h, self.steps.step(pos, 1), session.state, INFER)
             session.tokens.append(t)
             pos += 1
         return ex.logits(hidden)

@@ -17,7 +17,7 @@ import json
 import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
@@ -46,21 +46,44 @@ class ModelArgs:
     rope_attention_factor: float = 1.0  # longrope's scaling of cos and sin
     hidden_act: str = "silu"  # the gated MLP's activation, a key of ACTIVATIONS
     query_pre_attn_scalar: float | None = None  # scores scaled by its -0.5 power (Gemma); None: head_dim's
-    # Per layer: None attends to the whole context, n to the last n tokens only.
-    layer_windows: tuple[int | None, ...] | None = None
-    # The rope base and scaling of the windowed layers, where theirs differ (Gemma 3).
+    # The rope base and scaling of the layers listed, where theirs differ (Gemma 3's local layers).
+    local_rope_layers: tuple[int, ...] = ()
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
     residual_scale: float = 1.0  # the residual stream carried times this (fp16 range; convert/calibrate.py)
+    # One entry per layer: None = full attention, W = attends to the last W
+    # tokens (its own included). Empty = every layer full.
+    layer_windows: tuple[int | None, ...] = ()
+
+    def __post_init__(self):
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_hidden_layers)
+        windows = self.layer_windows
+        if len(windows) != self.num_hidden_layers:
+            raise BadInput(f"{len(windows)} layer windows for {self.num_hidden_layers} layers",
+                           "check layer_types in config.json", stage="inspect")
+        if len({w for w in windows if w is not None}) > 1:
+            raise BadInput(f"layers with different sliding windows ({sorted({w for w in windows if w})})",
+                           "only one window size shared by every local layer is implemented", stage="inspect")
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the local layers (one size for all), None if every layer is full."""
+        return next((w for w in self.layer_windows if w is not None), None)
+
+    def within(self, context_length: int) -> "ModelArgs":
+        """These args for a model of ``context_length`` positions: a window
+        that long or longer never takes effect, so its layers are full."""
+        windows = tuple(w if w is not None and w < context_length else None for w in self.layer_windows)
+        return self if windows == self.layer_windows else replace(self, layer_windows=windows)
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def local_rope(self, layer: int) -> bool:
-        """Whether ``layer`` takes the windowed layers' rotary tables."""
-        return (self.local_rope_theta is not None and self.layer_windows is not None
-                and self.layer_windows[layer] is not None)
+        """Whether ``layer`` takes the local rotary tables."""
+        return layer in self.local_rope_layers
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "ModelArgs":
@@ -82,6 +105,7 @@ class ModelArgs:
             partial_rotary_factor=partial_rotary_factor(cfg),
             rope_attention_factor=rope_attention_factor(cfg),
             hidden_act=cfg.get("hidden_act", "silu"),
+            layer_windows=layer_windows(cfg),
         )
         fields.update(overrides)
         args = cls(**fields)
@@ -111,6 +135,26 @@ def sliding_window(cfg: dict[str, Any], context_length: int) -> int | None:
         raise BadInput(f"config.json has sliding_window = {window!r}, not a positive integer",
                        "restore the model's original config.json", stage="inspect")
     return window if window < context_length else None
+
+
+def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's window from config.json: the ``sliding_window`` for the
+    layers ``layer_types`` names ``sliding_attention`` (all of them when
+    there is no ``layer_types``; Qwen2's older files: those from
+    ``max_window_layers`` on), None for the others. Empty when the config
+    asks for no window."""
+    window = sliding_window(cfg, context_length=math.inf)
+    layers = cfg.get("num_hidden_layers")
+    if window is None or not isinstance(layers, int) or isinstance(layers, bool) or layers <= 0:
+        return ()
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        first = cfg.get("max_window_layers", 0) if "max_window_layers" in cfg else 0
+        return tuple(window if i >= first else None for i in range(layers))
+    if not isinstance(kinds, list) or len(kinds) != layers:
+        raise BadInput(f"config.json has layer_types for {len(kinds) if isinstance(kinds, list) else 'no'} of "
+                       f"its {layers} layers", "restore the model's original config.json", stage="inspect")
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
 
 
 def refuse_unimplemented(cfg: dict[str, Any], arch: str, context_length: int, windows: bool = False) -> None:
@@ -454,6 +498,7 @@ class AneLM(nn.Module):
     def __init__(self, args: ModelArgs, layers: range | None = None, embeddings: bool = True,
                  lm_head: bool = True, lm_head_split: int = 8, context_length: int = 512):
         super().__init__()
+        args = args.within(context_length)
         self.args = args
         self.context_length = context_length
         self.layer_range = range(args.num_hidden_layers) if layers is None else layers
@@ -466,9 +511,11 @@ class AneLM(nn.Module):
 
     def layers_forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor,
                        causal_mask: torch.Tensor, current_pos: torch.Tensor,
-                       last_only: bool = False) -> torch.Tensor:
+                       local_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Run this part's layers over ``hidden_states`` (1, S, H) at
-        ``position_ids`` (S,), writing K/V at ``current_pos`` onward.
+        ``position_ids`` (S,), writing K/V at ``current_pos`` onward. Full
+        layers attend through ``causal_mask``, sliding-window layers through
+        ``local_mask`` (the engine bands it to the window).
         ``last_only`` (prefill): the last chunk returns just the last row,
         normed; other chunks return every row for the next chunk."""
         body = self.model
@@ -478,9 +525,11 @@ class AneLM(nn.Module):
                 rope[local] = tuple(getattr(body, f"rope_{f}{suffix}").index_select(0, position_ids)
                                     .to(hidden_states.dtype) for f in ("cos", "sin"))
         h = hidden_states
+        windows = self.args.layer_windows
         for i in self.layer_range:
             cos, sin = rope[self.args.local_rope(i)]
-            h = body.layers[i](h, cos, sin, causal_mask, current_pos, body.kv_cache_0)
+            mask = causal_mask if windows[i] is None else local_mask
+            h = body.layers[i](h, cos, sin, mask, current_pos, body.kv_cache_0)
         if body.norm is not None:  # the last chunk
             if last_only:
                 h = h[:, -1:, :]

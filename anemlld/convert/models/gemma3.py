@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 
-from anemlld.convert.models.base import (AneLM, DecoderLayer, ModelArgs, RMSNorm, rope_scaling, rope_theta,
-                                         sliding_window)
+from anemlld.convert.models.base import AneLM, DecoderLayer, ModelArgs, RMSNorm, rope_scaling, rope_theta
 from anemlld.convert.models.qwen3 import QKNormAttention
 from shared.errors import BadInput
 
 PREFIX = "gemma3"
-SLIDING_WINDOW = False  # a window shorter than the context is refused until the engine keeps one per layer
+SLIDING_WINDOW = True
 RESIDUAL_SCALE = True  # the converter may rescale the residual stream (convert/calibrate.py)
 
 # Gemma3TextConfig's defaults for the keys a config.json may leave out (the
@@ -42,15 +41,11 @@ RESIDUAL_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm
 
 
 def layer_kinds(cfg: dict[str, Any]) -> list[str]:
-    n = int(cfg["num_hidden_layers"])
-    kinds = cfg.get("layer_types")
-    if kinds is not None:
-        if len(kinds) != n:
-            raise BadInput(f"config.json has {len(kinds)} layer_types for {n} layers",
-                           "restore the model's original config.json", stage="inspect")
-        return list(kinds)
+    """``layer_types``, or older files' every ``sliding_window_pattern``-th layer global."""
+    if cfg.get("layer_types") is not None:
+        return cfg["layer_types"]
     pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(int(cfg["num_hidden_layers"]))]
 
 
 def rope_of(cfg: dict[str, Any], kind: str) -> tuple[float, dict | None]:
@@ -73,12 +68,12 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
         raise BadInput("config.json sets attention_bias = true: biases on every attention projection, which "
                        "gemma3 does not implement here", "convert a supported architecture", stage="inspect")
     kinds = layer_kinds(cfg)
-    window = sliding_window(cfg, math.inf)
+    cfg["layer_types"] = kinds  # the base reads each layer's window from them
     (theta, scaling), (local_theta, local_scaling) = rope_of(cfg, "full_attention"), rope_of(cfg, "sliding_attention")
     return ModelArgs.from_config(
         cfg, hidden_act=cfg["hidden_activation"], rope_theta=theta, rope_scaling=scaling,
         query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
-        layer_windows=tuple(window if kind == "sliding_attention" else None for kind in kinds),
+        local_rope_layers=tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention"),
         local_rope_theta=local_theta, local_rope_scaling=local_scaling)
 
 
