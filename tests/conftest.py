@@ -18,7 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # that is not hidden/heads, Mistral's sliding window (4: shorter than the test
 # sequences, so the window matters at every step past the fourth), Phi-3's
 # fused q/k/v and gate/up, partial rotary and longrope short factors; Gemma 3's
-# four norms, q/k norms, query_pre_attn_scalar, tied scaled embeddings, local and
+# four norms, q/k norms, query_pre_attn_scalar, scaled embeddings, local and
 # global layers with a rope base each (linear scaling on the global ones).
 TINY = {
     "llama": dict(
@@ -45,7 +45,7 @@ TINY = {
     "gemma3": dict(
         cls="Gemma3TextConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
-        tie_word_embeddings=True, sliding_window=4,
+        tie_word_embeddings=False, sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}),

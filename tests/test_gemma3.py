@@ -80,7 +80,8 @@ def test_an_older_config_with_rope_local_base_freq_and_a_pattern_matches_transfo
 
 
 def test_the_text_part_of_a_multimodal_gemma3_checkpoint_matches_transformers(tmp_path):
-    """Weights under language_model., the vision tower skipped and said so."""
+    """Weights under language_model., the vision tower skipped; tied embeddings (the
+    sqrt(hidden) scale is folded into the embeddings only, not the LM head)."""
     import transformers
 
     text = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
