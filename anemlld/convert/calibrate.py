@@ -55,8 +55,9 @@ class Range:
     def as_dict(self) -> dict:
         return {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
 
-    def message(self) -> str:
-        text = f"fp16 range: largest activation {self.peak:.3g} over {self.tokens} tokens"
+    def message(self, text: str) -> str:
+        """The progress line; ``text``: what the calibration text was."""
+        text = f"fp16 range over {self.tokens} tokens of {text}: largest activation {self.peak:.3g}"
         if self.residual_scale != 1.0:
             text += (f", residual stream {self.residual_peak:.3g}: scaled by 1/{1 / self.residual_scale:g}"
                      f" (largest now {self.scaled_peak:.3g})")

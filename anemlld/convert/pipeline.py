@@ -338,7 +338,7 @@ def _calibrate(p: Plan, st: _Stages) -> None:
         p.options.context_length)
     p.args = dataclasses.replace(p.args, residual_scale=p.fp16_range.residual_scale)
     st.seconds["calibrate"] = time.perf_counter() - t - (st.seconds.get("load", 0.0) - loads)
-    st.report("calibrate", "", f"{p.fp16_range.message()} of {text}")
+    st.report("calibrate", "", p.fp16_range.message(text))
 
 
 def _loaded(p: Plan, st: _Stages, name: str, args: ModelArgs | None = None, **part) -> AneLM:
