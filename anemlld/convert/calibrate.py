@@ -77,7 +77,10 @@ class _Peaks(TorchFunctionMode):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
                 continue
-            value = float(torch.nan_to_num(t.detach(), posinf=0.0, neginf=0.0).abs().max())  # masks hold -inf
+            low, high = torch.aminmax(t.detach())
+            value = max(-float(low), float(high))
+            if not math.isfinite(value):  # the masks hold -inf
+                value = float(torch.nan_to_num(t.detach(), posinf=0.0, neginf=0.0).abs().max())
             if value > self.peak:
                 self.peak, self.peak_at = value, f"{getattr(func, '__name__', func)} in {self.where}"
             name = getattr(func, "__name__", "")
