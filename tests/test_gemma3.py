@@ -149,3 +149,18 @@ def test_a_residual_stream_past_fp16s_range_is_rescaled_and_matches_fp32(tmp_pat
     said = [e.message for e in events if e.stage == "calibrate" and e.message]
     assert said and f"scaled by 1/{1 / recorded['residual_scale']:g}" in said[0]
     assert_matches(Engine(tmp_path / "ane", executor="portable"), ref, PROMPT, 6, 0.1)
+
+
+@pytest.mark.parametrize("model_type, cls", [("gemma3n", "Gemma3nForConditionalGeneration"),
+                                             ("qwen3_moe", "Qwen3MoeForCausalLM")])
+def test_a_model_type_we_do_not_know_is_refused_though_its_class_name_starts_like_ours(
+        tiny_models, tmp_path, model_type, cls):
+    folder = with_config(tiny_models["gemma3"], tmp_path / "m", model_type=model_type, architectures=[cls])
+    with pytest.raises(BadInput, match=f"unsupported architecture '{model_type}'") as info:
+        plan(folder)
+    assert "gemma3" in info.value.message and "mistral" in info.value.message
+
+
+def test_every_architecture_can_be_named_with_architecture(tiny_models):
+    for arch in ("gemma3", "mistral", "phi3"):
+        assert plan(tiny_models[arch], architecture=arch).architecture == arch
