@@ -23,7 +23,7 @@ from torch import nn
 
 from anemlld.convert import export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, split_sizes,
+from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
@@ -61,6 +61,12 @@ class Plan:
     @property
     def num_chunks(self) -> int:
         return len(self.chunk_ranges)
+
+    @property
+    def ring(self) -> int | None:
+        """Slots of the sliding-window layers' ring cache, None without such layers."""
+        window = self.args.sliding_window
+        return None if window is None else ring_size(window, self.options.batch_size, self.options.context_length)
 
 
 @dataclass
@@ -244,9 +250,7 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     st = _Stages(progress, total)
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
 
-    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim),
-                           local=o.context_length if args.sliding_window else None)
+    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size)
     try:
         _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
         for i, layers in enumerate(p.chunk_ranges):
@@ -315,7 +319,7 @@ def _loaded(p: Plan, st: _Stages, name: str, **part) -> AneLM:
     """The torch model of one part with its checkpoint weights; nothing of
     the checkpoint stays mapped afterwards."""
     with weights_loaded_later():
-        lm = build(p.architecture, p.args, context_length=p.options.context_length, **part)
+        lm = build(p.architecture, p.args, context_length=p.options.context_length, ring=p.ring, **part)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
     p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     return lm
@@ -404,8 +408,11 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
-    if args.sliding_window is not None:  # the local layers' window, applied by the engine's local_mask
-        params["sliding_window"] = args.sliding_window
+    if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
+        windows = args.layer_windows
+        params.update(sliding_window=args.sliding_window, ring_size=p.ring,
+                      local_layers=[i for i, w in enumerate(windows) if w is not None],
+                      global_layers=[i for i, w in enumerate(windows) if w is None])
     for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
         if bits:
             params[f"lut_{part}_per_channel"] = o.lut_group_size
