@@ -167,9 +167,12 @@ def test_a_ring_state_is_reused_only_as_far_back_as_it_holds_the_window(engines,
         assert reusable(session.tokens, prompt, session.ring) == reused
         n = engine._reuse(session, prompt)
         assert n == reused
-        logits = engine.feed(session, prompt[n:])
-        want = transformers_logits(folder, prompt)[-1].double().numpy()
-        assert abs(logits.astype("float64") - want).max() < 0.05, shared
+        want = transformers_logits(folder, prompt).double().numpy()
+        got = {len(prompt) - 8: engine.feed(session, prompt[n:len(prompt) - 7])}
+        for i in range(len(prompt) - 7, len(prompt)):
+            got[i] = engine.feed(session, [prompt[i]])
+        worst = max(abs(logits.astype("float64") - want[i]).max() for i, logits in got.items())
+        assert worst < 0.03, shared  # 0.01 measured; reusing past the ring: 1.6 at m = 26
 
 
 def test_a_context_shift_leaves_a_ring_state_that_matches_transformers(engines, sources):
@@ -185,3 +188,27 @@ def test_a_context_shift_leaves_a_ring_state_that_matches_transformers(engines, 
     logits = engine.feed(session, [done.token_ids[-1]])
     want = transformers_logits(sources["mixed"][1], held + [done.token_ids[-1]])[-1].double().numpy()
     assert abs(logits.astype("float64") - want).max() < 0.05
+
+
+def test_a_folder_from_before_rings_gets_the_window_in_its_causal_mask():
+    """meta.yaml with a sliding_window and no ring_size (anemlld's Mistral
+    before rings): every layer took the band in causal_mask, and still does."""
+    import numpy as np
+
+    from anemlld.runtime.attention import Steps
+
+    steps = Steps(CTX, WINDOW, ring=None)
+    assert steps.new_ring() is None
+    step = steps.step(10, 2)
+    assert set(step) == {"position_ids", "causal_mask", "current_pos"}
+    open_keys = [np.flatnonzero(row == 0).tolist() for row in step["causal_mask"][0, 0]]
+    assert open_keys == [[7, 8, 9, 10], [8, 9, 10, 11]]
+
+
+def test_a_batch_that_would_wrap_the_ring_is_refused():
+    from anemlld.runtime.attention import Ring
+
+    ring = Ring(RING, WINDOW)
+    ring.write(0, BATCH)
+    with pytest.raises(ValueError, match="multiples of the batch size"):
+        ring.write(12, BATCH)
