@@ -82,22 +82,20 @@ def test_torch_model_matches_transformers_at_every_position_through_prefill_and_
 
 
 @pytest.fixture(scope="module")
-def engines(sources, tmp_path_factory):
+def engine(sources, tmp_path_factory):
+    """The mixed model converted without LUT, run by the portable executor (a
+    converted Mistral, every layer in a ring, is test_architectures')."""
     from anemlld.runtime.engine import Engine
 
-    out = {}
-    for name, (_, folder) in sources.items():
-        dest = tmp_path_factory.mktemp("ane") / name
-        pipeline.convert(folder, dest, ConvertOptions.from_mapping({
-            "context_length": CTX, "batch_size": BATCH, "chunks": 2, "lut_embeddings": "none", "lut_ffn": "none",
-            "lut_lm_head": "none"}))
-        out[name] = Engine(dest, executor="portable")
-    return out
+    dest = tmp_path_factory.mktemp("ane") / "mixed"
+    pipeline.convert(sources["mixed"][1], dest, ConvertOptions.from_mapping({
+        "context_length": CTX, "batch_size": BATCH, "chunks": 2, "lut_embeddings": "none", "lut_ffn": "none",
+        "lut_lm_head": "none"}))
+    return Engine(dest, executor="portable")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_converted_model_matches_transformers_at_every_position(name, engines, reference_logits):
-    engine, want = engines[name], reference_logits[name].double().numpy()
+def test_converted_model_matches_transformers_at_every_position(engine, reference_logits):
+    want = reference_logits["mixed"].double().numpy()
     assert engine.layout.sliding_window == WINDOW
     session = engine.new_session()
     got = {19: engine.feed(session, IDS[:20])}  # two batches of 8 through prefill, 4 through infer
@@ -107,14 +105,14 @@ def test_converted_model_matches_transformers_at_every_position(name, engines, r
     assert worst < 0.05, worst  # fp16 parts
 
 
-def test_packages_declare_the_ring_and_the_full_cache_as_two_states(engines):
+def test_packages_declare_the_ring_and_the_full_cache_as_two_states(engine):
     """What coremltools' own spec reader sees in the mixed model's chunks: the
     full layer's cache over the context, the two local layers' ring of 16
     slots, and the inputs that address each (the second chunk holds only a
     local layer and declares the same)."""
     import coremltools as ct
 
-    layout = engines["mixed"].layout
+    layout = engine.layout
     assert (layout.sliding_window, layout.ring_size) == (WINDOW, RING)
     assert (layout.params["local_layers"], layout.params["global_layers"]) == ([0, 2], [1])
     kv_heads, head_dim = 2, 16
@@ -129,15 +127,14 @@ def test_packages_declare_the_ring_and_the_full_cache_as_two_states(engines):
             assert states == {"model_model_kv_cache_global": (2 * 1, kv_heads, CTX, head_dim),
                               "model_model_kv_cache_local": (2 * 2, kv_heads, RING, head_dim)}
     slots = 1 * CTX + 2 * RING
-    assert engines["mixed"].state_bytes == 2 * kv_heads * slots * head_dim * 2
+    assert engine.state_bytes == 2 * kv_heads * slots * head_dim * 2
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_continuing_a_cached_prefix_of_every_alignment_matches_transformers(name, engines, reference_logits):
+def test_continuing_a_cached_prefix_of_every_alignment_matches_transformers(engine, reference_logits):
     """A state holding 8 + k tokens (k = 0..7) continues with 17 more: the
     tokens before the next multiple of the batch go through infer, then a
     batch, then single tokens, around the ring several times."""
-    engine, want = engines[name], reference_logits[name].double().numpy()
+    want = reference_logits["mixed"].double().numpy()
     worst = 0.0
     for k in range(BATCH):
         session = engine.new_session()
@@ -150,14 +147,13 @@ def test_continuing_a_cached_prefix_of_every_alignment_matches_transformers(name
     assert worst < 0.05, worst
 
 
-def test_a_ring_state_is_reused_only_as_far_back_as_it_holds_the_window(engines, sources):
+def test_a_ring_state_is_reused_only_as_far_back_as_it_holds_the_window(engine, sources):
     """A state holding 40 tokens keeps positions 24..39 in its 16-slot ring:
     a prompt sharing its first m tokens reuses them when the m-th token's
     window (positions m-3..m-1) is still there, m >= 27, else nothing; either
     way the answer is transformers' on the new prompt."""
     from anemlld.runtime.prefix_cache import reusable
 
-    engine = engines["mixed"]
     folder = sources["mixed"][1]
     other = [3000 + i for i in range(8)]
     for shared, reused in ((38, 38), (30, 30), (27, 27), (26, 0), (10, 0)):
@@ -175,12 +171,11 @@ def test_a_ring_state_is_reused_only_as_far_back_as_it_holds_the_window(engines,
         assert worst < 0.03, shared  # 0.01 measured; reusing past the ring: 1.6 at m = 26
 
 
-def test_a_context_shift_leaves_a_ring_state_that_matches_transformers(engines, sources):
+def test_a_context_shift_leaves_a_ring_state_that_matches_transformers(engine, sources):
     """Decoding past the context re-prefills the recent half into the same
     state; its rings then hold what transformers computes for those tokens."""
     from anemlld.runtime.sampling import SamplingParams
 
-    engine = engines["mixed"]
     session = engine.new_session()
     done = engine.complete(ids=IDS[:40], params=SamplingParams(max_tokens=40), session=session)
     assert done.stats.context_shifts >= 1
