@@ -559,6 +559,11 @@ class AneLM(nn.Module):
         sin = body.rope_sin.index_select(0, position_ids).to(hidden_states.dtype)
         h = hidden_states
         windows = self.args.layer_windows
+        if ring_pos is None and body.ring_cache is not None:
+            # A ring of the whole context (the default) is indexed by position.
+            if self.ring != self.context_length:
+                raise ValueError(f"a ring of {self.ring} slots needs ring_pos")
+            ring_pos = current_pos
         used = set()
         for i in self.layer_range:
             if windows[i] is None:
