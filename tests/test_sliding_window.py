@@ -19,7 +19,8 @@ from tests.conftest import make_tiny_model
 WINDOW = 4
 MIXED = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-MODELS = {"mistral": ("mistral", dict(sliding_window=WINDOW)), "mixed": ("qwen2", MIXED)}
+MODELS = {"mistral": ("mistral", dict(sliding_window=WINDOW)), "mixed": ("qwen2", MIXED),
+          "mixed-qwen3": ("qwen3", MIXED)}
 IDS = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200, 45, 8, 640, 91,
        3000, 12, 70, 256, 9, 1800, 64, 2, 430, 3900, 21, 808, 14, 1500, 66, 2222, 31, 707, 10, 3333, 48, 96,
        1024, 13]  # 48 tokens: 12 windows, 3 turns of a 16-slot ring
@@ -60,7 +61,8 @@ def test_the_ring_holds_the_window_and_a_batch_in_whole_batches():
 def test_layer_windows_follow_layer_types_and_the_window(sources):
     windows = {name: ARCHITECTURES[arch].model_args(HFSource.open(folder).config).layer_windows
                for name, (arch, folder) in sources.items()}
-    assert windows == {"mistral": (WINDOW, WINDOW), "mixed": (WINDOW, None, WINDOW)}
+    assert windows == {"mistral": (WINDOW, WINDOW), "mixed": (WINDOW, None, WINDOW),
+                       "mixed-qwen3": (WINDOW, None, WINDOW)}
     # a window as long as the context never takes effect
     args = ARCHITECTURES["qwen2"].model_args(HFSource.open(sources["mixed"][1]).config)
     assert args.within(WINDOW).layer_windows == (None, None, None)
