@@ -103,7 +103,8 @@ def run_request(engine: Any, cache: PrefixCache, *, prompt: str | None, messages
     for an invalid option combination (SamplingParams' BadInput) or a schema or tool list
     the model cannot honour."""
     params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
-    plan = Structure.of(engine.tokenizer, engine.eos, dict(structure)) if structure else Structure()
+    plan = Structure.of(engine.tokenizer, engine.eos, dict(structure), params.max_tokens) if structure \
+        else Structure()
     if messages is not None and structure:
         messages = template_messages(messages)
     ids = engine.encode(prompt, messages, tools=plan.tools) if plan.tools else engine.encode(prompt, messages)

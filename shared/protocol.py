@@ -173,8 +173,10 @@ def _tool_calls(name: str, value: Any) -> list[dict[str, Any]]:
                 or not isinstance(c["name"], str) or not isinstance(c["arguments"], Mapping):
             raise _bad(f"{name}[{j}] must be a map of name (a string), arguments (a map) and an optional id, "
                        f"got {_show(c)}")
-        out.append({"id": _string(MAX_ID_CHARS)(f"{name}[{j}].id", c["id"]) if "id" in c else None,
-                    "name": c["name"], "arguments": dict(c["arguments"])})
+        call = {"name": c["name"], "arguments": dict(c["arguments"])}
+        if c.get("id") is not None:
+            call["id"] = _string(MAX_ID_CHARS)(f"{name}[{j}].id", c["id"])
+        out.append(call)
     return out
 
 

@@ -10,8 +10,16 @@ A schema keyword llguidance does not implement is refused with a
 ``bad_request`` naming it; nothing is ignored.
 
 A guided answer ends when the grammar is complete (the engine stops at
-once), or at ``max_tokens`` with ``length``: a JSON text cut there is not
-complete and nothing claims it is (docs/http.md, "Structured output").
+once). Its last quarter of ``max_tokens`` (at least 8 tokens) steers to
+closing: among the tokens the grammar allows, only those that close the open
+string (``"``, then nothing but ``}``/``]``), else those that only close
+objects and arrays, else those that end a value with ``,`` (when a required
+key or item is still missing), whenever the grammar allows one; otherwise
+the grammar gets what it needs (a key's name, a value's first character). Every step there either
+closes something or writes what the schema requires, so an answer that can
+still be finished in its budget is; one that cannot ends at ``max_tokens``
+with ``length``, and nothing claims that text is complete (docs/http.md,
+"Structured output").
 
 This runs where the engine runs (the model's worker process): the
 tokenizer's llguidance view (about a second for a 4K vocabulary, built once
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from typing import Any, Iterable
 
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object and Ollama's "json"
 JSON_OPTIONS = {"whitespace_flexible": False}
+# Steering to closing, most closing first: inside a string, then outside.
+CLOSING = ((re.compile(rb"[\]}]+"), re.compile(rb",.*", re.S)), (re.compile(rb'[^"\\]*"[\]}]*'),))
 _views_lock = threading.Lock()
 
 
@@ -72,10 +83,14 @@ class Guide:
     """One request's grammar state: ``mask`` the logits, ``accept`` each token
     sampled; ``finished`` once the grammar is complete and allows nothing more."""
 
-    def __init__(self, tokenizer: Any, eos: Iterable[int], grammar: str):
+    def __init__(self, tokenizer: Any, eos: Iterable[int], grammar: str, budget: int | None = None):
+        """``budget``: the answer's max_tokens, for steering to closing at its end (None: never)."""
         from llguidance import LLMatcher
 
-        self.view = tokenizer_view(tokenizer, eos)
+        self.view, self.closers = tokenizer_view(tokenizer, eos)
+        self.left = budget
+        self.steer_at = max(8, budget // 4) if budget is not None else -1
+        self.in_string = self.escaped = False
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.view)
         if failed:
             raise BadInput(f"the grammar engine (llguidance) cannot use this schema: {'; '.join(messages)}",
@@ -89,6 +104,13 @@ class Guide:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little", count=logits.shape[-1]).astype(bool)
         self._check()
+        if self.left is not None and self.left <= self.steer_at:
+            for closing in self.closers[int(self.in_string)]:
+                steered = allowed[:closing.shape[0]] & closing
+                if steered.any():
+                    allowed[:] = False
+                    allowed[:steered.shape[0]] = steered
+                    break
         out = np.array(logits, dtype=np.float32)
         out[~allowed] = -np.inf
         return out
@@ -96,6 +118,15 @@ class Guide:
     def accept(self, token: int) -> None:
         self.matcher.consume_token(int(token))
         self._check()
+        if self.left is not None:
+            self.left -= 1
+        for byte in self.view.decode_bytes([int(token)]):  # is a JSON string open after it?
+            if self.escaped:
+                self.escaped = False
+            elif byte == 0x5C and self.in_string:
+                self.escaped = True
+            elif byte == 0x22:
+                self.in_string = not self.in_string
 
     @property
     def finished(self) -> bool:
@@ -108,18 +139,22 @@ class Guide:
                               "tools to get an answer meanwhile", code="internal")
 
 
-def tokenizer_view(tokenizer: Any, eos: Iterable[int]) -> Any:
-    """llguidance's view of a Hugging Face tokenizer, made once per tokenizer."""
+def tokenizer_view(tokenizer: Any, eos: Iterable[int]) -> tuple[Any, tuple[tuple[np.ndarray, ...], ...]]:
+    """llguidance's view of a Hugging Face tokenizer and the tokens that close
+    (``CLOSING``'s shape, as masks), made once per tokenizer."""
     import llguidance.hf
 
     with _views_lock:
-        view = getattr(tokenizer, "_anemll_llguidance", None)
-        if view is None:
+        made = getattr(tokenizer, "_anemll_llguidance", None)
+        if made is None:
             try:
                 view = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(eos))
             except ValueError as e:
                 raise BadInput(f"this model's tokenizer cannot be used for constrained decoding ({e})",
                                "structured output needs a fast (tokenizer.json) tokenizer",
                                code="bad_request") from None
-            tokenizer._anemll_llguidance = view
-        return view
+            texts = [view.decode_bytes([i]) for i in range(view.vocab_size)]
+            closers = tuple(tuple(np.fromiter((bool(rx.fullmatch(t)) for t in texts), dtype=bool, count=len(texts))
+                                  for rx in where) for where in CLOSING)
+            made = tokenizer._anemll_llguidance = (view, closers)
+        return made

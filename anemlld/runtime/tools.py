@@ -93,14 +93,14 @@ class ToolUse:
             return f'start: /[ \\t\\r\\n]*/ "{OPEN}" /[ \\t\\r\\n]*/ body /[ \\t\\r\\n]*/ "{CLOSE}"\n' + body
         return f'start: "{OPEN}\\n" body "\\n{CLOSE}"\n' + body
 
-    def guide(self, tokenizer: Any, eos: Iterable[int]) -> Any:
-        """The engine's guide for this request (None: free text)."""
+    def guide(self, tokenizer: Any, eos: Iterable[int], budget: int) -> Any:
+        """The engine's guide for this request (None: free text); ``budget`` is max_tokens."""
         if self.choice == "none":
             return None
         if self.choice == "auto":
-            return Begun(tokenizer, eos, self)
+            return Begun(tokenizer, eos, self, budget)
         only = self.choice.get("name") if isinstance(self.choice, dict) else None
-        return grammar.Guide(tokenizer, eos, grammar.lark_grammar(self.lark(only)))
+        return grammar.Guide(tokenizer, eos, grammar.lark_grammar(self.lark(only)), budget)
 
     # -- the answer ---------------------------------------------------------------------
     @property
@@ -166,8 +166,8 @@ class Begun:
     """``tool_choice: auto``: free text, unless the answer opens a call; from
     its opening on, the call grammar (the tokens so far caught up)."""
 
-    def __init__(self, tokenizer: Any, eos: Iterable[int], use: ToolUse):
-        self.tokenizer, self.eos, self.use = tokenizer, tuple(eos), use
+    def __init__(self, tokenizer: Any, eos: Iterable[int], use: ToolUse, budget: int):
+        self.tokenizer, self.eos, self.use, self.budget = tokenizer, tuple(eos), use, budget
         self.tokens: list[int] = []
         self.inner: grammar.Guide | None = None
         self.free = False
@@ -185,7 +185,8 @@ class Begun:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=False).lstrip()
         opening = self.use.opening
         if text.startswith(opening):
-            self.inner = grammar.Guide(self.tokenizer, self.eos, grammar.lark_grammar(self.use.lark(loose=True)))
+            self.inner = grammar.Guide(self.tokenizer, self.eos, grammar.lark_grammar(self.use.lark(loose=True)),
+                                       self.budget)
             for t in self.tokens:
                 self.inner.accept(t)
         elif not opening.startswith(text):
@@ -221,9 +222,9 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         m = dict(m)
         if m.get("tool_calls"):
-            m["tool_calls"] = [{"id": c.get("id"), "type": "function",
+            m["tool_calls"] = [{"id": c.get("id", f"call_{i}"), "type": "function",
                                 "function": {"name": c["name"], "arguments": c["arguments"]}}
-                               for c in m["tool_calls"]]
+                               for i, c in enumerate(m["tool_calls"])]
         out.append(m)
     return out
 
@@ -244,15 +245,16 @@ class Structure:
         return self.use.stream(events) if self.use is not None else events
 
     @classmethod
-    def of(cls, tokenizer: Any, eos: Iterable[int], spec: dict[str, Any] | None) -> "Structure":
+    def of(cls, tokenizer: Any, eos: Iterable[int], spec: dict[str, Any] | None, budget: int) -> "Structure":
+        """``budget``: the request's max_tokens (a guide steers to closing near its end)."""
         spec = spec or {}
         fmt, tools = spec.get("format"), spec.get("tools")
         if fmt is not None and tools:
             raise BadInput("format together with tools is not implemented",
                            "send either a format (a JSON answer) or tools (tool calls)", code="bad_request")
         if fmt is not None:
-            return cls(grammar.Guide(tokenizer, eos, grammar.json_grammar(fmt)))
+            return cls(grammar.Guide(tokenizer, eos, grammar.json_grammar(fmt), budget))
         if tools:
             use = ToolUse.of(tokenizer, list(tools), spec.get("tool_choice"))
-            return cls(use.guide(tokenizer, eos), use)
+            return cls(use.guide(tokenizer, eos, budget), use)
         return cls()
