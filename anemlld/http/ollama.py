@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from anemlld.http import bridge
 from anemlld.http.bridge import ApiError, take
+from anemlld.runtime.tools import form_of
 
 # Several Ollama clients refuse a server older than this (VS Code's provider
 # asks for at least 0.6.4); it is the oldest version whose API we cover.
@@ -108,7 +109,8 @@ class Ollama:
                           "anemll.split_lm_head": params.get("split_lm_head")}
             return JSONResponse({"license": "", "modelfile": "", "parameters": parameters,
                                  "template": info["chat_template"], "details": self._details(info),
-                                 "model_info": model_info, "capabilities": ["completion"],
+                                 "model_info": model_info,
+                                 "capabilities": ["completion"] + (["tools"] if form_of(info["chat_template"]) else []),
                                  "modified_at": _iso(info["modified_at"] or 0)})
         except Exception as e:
             return error_response(ApiError.of(e))
