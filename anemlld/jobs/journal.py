@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     stage       TEXT NOT NULL DEFAULT '',
     part        TEXT NOT NULL DEFAULT '',
     fraction    REAL NOT NULL DEFAULT 0,
+    eta_seconds REAL,                       -- time left while running, from the rate measured so far
     error       TEXT,                       -- json: code, stage, message, hint
     output      TEXT,                       -- the converted folder, once done
     created_at  REAL NOT NULL,              -- Unix seconds
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_fingerprint ON jobs (fingerprint);
 """
+ADDED_COLUMNS = {"eta_seconds": "REAL"}  # columns newer than the first journals: added to an old one when opened
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Job:
     stage: str
     part: str
     fraction: float
+    eta_seconds: float | None
     error: dict[str, Any] | None
     output: str | None
     created_at: float
@@ -77,7 +80,8 @@ class Job:
     def to_wire(self) -> dict[str, Any]:
         """The record as the ``jobs`` op sends it (docs/protocol.md)."""
         return {"job": self.id, "name": self.name, "source": self.source, "state": self.state,
-                "stage": self.stage, "part": self.part, "fraction": self.fraction, "pid": self.pid,
+                "stage": self.stage, "part": self.part, "fraction": self.fraction,
+                "eta_seconds": self.eta_seconds if self.state == "running" else None, "pid": self.pid,
                 "created_at": self.created_at, "updated_at": self.updated_at, "error": self.error}
 
     @property
@@ -108,6 +112,10 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:

@@ -313,7 +313,8 @@ class Jobs:
             return
         self._placement.place(job)
         out = Path(self.settings.models_dir) / job.name
-        job = self._journal.update(job.id, state="running", stage="", part="", fraction=0.0, error=None)
+        job = self._journal.update(job.id, state="running", stage="", part="", fraction=0.0, eta_seconds=None,
+                                   error=None)
         self.registry.upsert(job.name, state="converting", source=job.origin, options=job.public_options,
                              error=None, pin=job.pin, keep_alive=job.keep_alive)
         self._emit(job, "started")
@@ -407,5 +408,7 @@ class _ProgressReporter:
         if key == self._last and now - self._at < PROGRESS_INTERVAL:
             return
         self._last, self._at = key, now
-        self.job = self.jobs._journal.update(self.job.id, stage=p.stage, part=p.part, fraction=float(p.fraction))
+        eta = getattr(p, "eta_seconds", None)
+        self.job = self.jobs._journal.update(self.job.id, stage=p.stage, part=p.part, fraction=float(p.fraction),
+                                             eta_seconds=None if eta is None else float(eta))
         self.jobs._emit(self.job, p.message)

@@ -67,6 +67,7 @@ class Done:
     text: str
     token_ids: list[int]
     stats: Stats
+    tool_calls: list[dict[str, Any]] | None = None  # read from the answer (anemlld.runtime.tools)
 
 
 class Detokenizer:
@@ -259,7 +260,8 @@ class Engine:
         return Session(self.executor.make_state(), ring=self.steps.new_ring())
 
     # --- prompts ----------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
         if (prompt is None) == (messages is None):
             raise BadInput("give either a prompt or messages", "send one of the two", code="bad_request")
         if prompt is not None:
@@ -268,7 +270,8 @@ class Engine:
             raise BadInput("this model has no chat template", "send a plain prompt instead of messages",
                            code="bad_request")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as e:  # jinja errors for malformed messages
             raise BadInput(f"the chat template rejected the messages ({e})",
                            "send messages as a list of {role, content} with roles system/user/assistant",
@@ -342,9 +345,12 @@ class Engine:
     # --- generation ---------------------------------------------------------
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
-                 cancel: threading.Event | None = None, *, ids: list[int] | None = None) -> Iterator[Token | Done]:
+                 cancel: threading.Event | None = None, *, ids: list[int] | None = None,
+                 guide: Any = None) -> Iterator[Token | Done]:
         """Stream ``Token`` events, then one ``Done`` with the statistics.
         ``ids`` is the prompt already encoded (instead of prompt/messages).
+        ``guide`` (anemlld.runtime.grammar.Guide) masks the logits before each
+        token is sampled, hears each token, and ends the answer when complete.
         Afterwards ``session`` holds the prompt and the answer, but for the
         last token sampled, which was never run."""
         params = params or SamplingParams()
@@ -366,15 +372,19 @@ class Engine:
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
+            if guide is not None:
+                logits = guide.mask(logits)
             token = sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break
             generated.append(token)
+            if guide is not None:
+                guide.accept(token)
             text = detok.add(token)
             if text or not detok.stopped:
                 yield Token(text, [token])
-            if detok.stopped:
+            if detok.stopped or (guide is not None and guide.finished):
                 reason = "stop"
             elif len(generated) >= params.max_tokens:
                 reason = "length"
