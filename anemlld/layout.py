@@ -91,6 +91,19 @@ class Layout:
         return int(value) if value else None
 
     @property
+    def ring_size(self) -> int | None:
+        """Slots of the sliding-window layers' ring cache; None without one
+        (no such layers, or a folder from before rings: the window is then
+        in every layer's causal mask)."""
+        value = self.params.get("ring_size")
+        return int(value) if value else None
+
+    @property
+    def full_attention(self) -> bool:
+        """Whether any layer attends to the whole context (takes causal_mask)."""
+        return self.ring_size is None or bool(self.params.get("global_layers"))
+
+    @property
     def architecture(self) -> str:
         return str(self.info.get("architecture", "llama"))
 
@@ -163,9 +176,11 @@ def read_meta(root: str | Path) -> Layout:
     missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
-    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window"):
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window", "ring_size"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
                            "fix meta.yaml or convert the model again", stage="load")
+    if params.get("ring_size") and not params.get("sliding_window"):
+        raise BadInput(f"{path} gives a ring_size but no sliding_window", "convert the model again", stage="load")
     return Layout(root, params, info)

@@ -22,9 +22,9 @@ from typing import Callable
 from anemlld import __version__, layout
 from torch import nn
 
-from anemlld.convert import calibrate, export, lut
+from anemlld.convert import calibrate, estimate, export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, split_sizes,
+from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
@@ -42,6 +42,7 @@ class Progress:
     part: str        # the part being worked on ("" for whole-job stages)
     fraction: float  # of the whole conversion, 0..1
     message: str = ""
+    eta_seconds: float | None = None  # time left, from the rate measured so far (None once done)
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Plan:
     @property
     def num_chunks(self) -> int:
         return len(self.chunk_ranges)
+
+    @property
+    def ring(self) -> int | None:
+        """Slots of the sliding-window layers' ring cache, None without such layers."""
+        window = self.args.sliding_window
+        return None if window is None else ring_size(window, self.options.batch_size, self.options.context_length)
 
 
 @dataclass
@@ -86,12 +93,8 @@ def split_layers(layers: int, chunks: int) -> list[range]:
     return out
 
 
-def _bytes_per_weight(bits: int | None) -> float:
-    return 2.0 if bits is None else bits / 8
-
-
 def chunk_bytes(args: ModelArgs, layers: int, bits: int | None) -> int:
-    return int(layers * args.layer_params * _bytes_per_weight(bits))
+    return int(layers * args.layer_params * estimate.bytes_per_weight(bits))
 
 
 def choose_chunks(args: ModelArgs, options: ConvertOptions) -> int:
@@ -142,16 +145,17 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     prefix = options.prefix or module.PREFIX
     split = DEFAULT_LM_HEAD_SPLIT[arch]
     h, v = args.hidden_size, args.vocab_size
-    estimate = int(h * v * _bytes_per_weight(options.lut_embeddings)
-                   + chunk_bytes(args, args.num_hidden_layers, options.lut_ffn)
-                   + h * v * _bytes_per_weight(options.lut_lm_head))
+    size = int(h * v * estimate.bytes_per_weight(options.lut_embeddings)
+               + chunk_bytes(args, args.num_hidden_layers, options.lut_ffn)
+               + h * v * estimate.bytes_per_weight(options.lut_lm_head))
     fp = fingerprint([__version__, arch, str(n), json.dumps(options.to_mapping(), sort_keys=True),
                       *source.fingerprint_parts()])
-    p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, estimate)
+    p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, size)
     o = options
     p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
                + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
                + [layout.lm_head_name(prefix, o.lut_lm_head)])
+    estimate.check_part_sizes(p)
     return p
 
 
@@ -181,10 +185,7 @@ def check_output(out: Path) -> dict | None:
 
 
 def check_disk(p: Plan, out: Path) -> None:
-    # The output plus the working copies of the largest chunk: fp16 export,
-    # and the quantized infer and prefill packages before they are combined.
-    largest = max(len(r) for r in p.chunk_ranges)
-    need = p.estimated_bytes + 3 * chunk_bytes(p.args, largest, None)
+    need = estimate.disk_bytes(p)
     where = out.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -196,15 +197,18 @@ def check_disk(p: Plan, out: Path) -> None:
 
 
 class _Stages:
-    """Progress bookkeeping: each unit of work has a weight (its weights count)."""
+    """Progress bookkeeping: each unit of work has a weight (its weights
+    count, times the relative cost of what is done to them)."""
 
-    def __init__(self, progress: ProgressFn | None, total: float):
+    def __init__(self, progress: ProgressFn | None, total: float, prior_seconds: float):
         self.progress, self.total, self.done = progress, max(total, 1.0), 0.0
         self.seconds: dict[str, float] = {}
+        self.time_left = estimate.TimeLeft(self.total, prior_seconds)
 
     def report(self, stage: str, part: str, message: str = "") -> None:
         if self.progress:
-            self.progress(Progress(stage, part, min(self.done / self.total, 1.0), message))
+            self.progress(Progress(stage, part, min(self.done / self.total, 1.0), message,
+                                   round(self.time_left.left(self.done), 1)))
 
     def run(self, stage: str, part: str, weight: float, fn: Callable, *a):
         self.report(stage, part)
@@ -215,8 +219,10 @@ class _Stages:
             e.stage = e.stage or stage
             raise
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            took = time.perf_counter() - t
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + took
             self.done += weight
+            self.time_left.add(weight, took)
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | None = None,
@@ -240,18 +246,16 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     o, args = p.options, p.args
     emb_w = args.vocab_size * args.hidden_size
     layer_w = args.layer_params
-    quant = lambda bits: 0.5 if bits else 0.0  # k-means cost relative to export, per weight
+    quant = lambda bits: estimate.QUANTIZE_WEIGHT if bits else 0.0  # noqa: E731 (k-means cost per weight, export = 1)
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
              + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
-    st = _Stages(progress, total)
+    st = _Stages(progress, total, estimate.estimate(p).seconds)
     skipped = f"; the text model only, {p.source.skipped} other tensors skipped" if p.source.skipped else ""
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks{skipped}")
     if getattr(ARCHITECTURES[p.architecture], "RESIDUAL_SCALE", False):
         _calibrate(p, st)
 
-    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim),
-                           local=o.context_length if args.sliding_window else None)
+    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size)
     try:
         _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
         for i, layers in enumerate(p.chunk_ranges):
@@ -333,9 +337,11 @@ def _calibrate(p: Plan, st: _Stages) -> None:
                 "model.embed_tokens.weight", rows)
         return rows
 
-    p.fp16_range = calibrate.fp16_range(
-        p.args, p.chunk_ranges, lambda args, **part: _loaded(p, st, "calibrate", args, **part), embed_rows, ids,
-        p.options.context_length)
+    def load(args: ModelArgs, **part) -> AneLM:
+        # a ring of the whole context (ring=None) is addressed by position: one pass over every token
+        return _loaded(p, st, "calibrate", args, ring=None, **part)
+
+    p.fp16_range = calibrate.fp16_range(p.args, p.chunk_ranges, load, embed_rows, ids, p.options.context_length)
     p.args = dataclasses.replace(p.args, residual_scale=p.fp16_range.residual_scale)
     st.seconds["calibrate"] = time.perf_counter() - t - (st.seconds.get("load", 0.0) - loads)
     st.report("calibrate", "", p.fp16_range.message(text))
@@ -346,7 +352,8 @@ def _loaded(p: Plan, st: _Stages, name: str, args: ModelArgs | None = None, **pa
     ``args``, the plan's by default); nothing of the checkpoint stays mapped
     afterwards."""
     with weights_loaded_later():
-        lm = build(p.architecture, args or p.args, context_length=p.options.context_length, **part)
+        lm = build(p.architecture, args or p.args, context_length=p.options.context_length,
+                   **{"ring": p.ring, **part})
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
     p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     return lm
@@ -435,8 +442,11 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
-    if args.sliding_window is not None:  # the local layers' window, applied by the engine's local_mask
-        params["sliding_window"] = args.sliding_window
+    if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
+        windows = args.layer_windows
+        params.update(sliding_window=args.sliding_window, ring_size=p.ring,
+                      local_layers=[i for i, w in enumerate(windows) if w is not None],
+                      global_layers=[i for i, w in enumerate(windows) if w is None])
     for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
         if bits:
             params[f"lut_{part}_per_channel"] = o.lut_group_size

@@ -63,8 +63,9 @@ class Executor:
         and on the Neural Engine have been seen to fail."""
         from anemlld.runtime.attention import Steps
 
+        steps = Steps.of(self.layout)
         h = self.embed(np.zeros((1, 1), dtype=np.int32))
-        self.logits(self.ffn(h, Steps(self.layout).step(0, 1), self.make_state(), INFER))
+        self.logits(self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER))
 
 
 MASKS = frozenset({"causal_mask", "local_mask"})
