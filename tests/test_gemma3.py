@@ -164,3 +164,21 @@ def test_a_model_type_we_do_not_know_is_refused_though_its_class_name_starts_lik
 def test_every_architecture_can_be_named_with_architecture(tiny_models):
     for arch in ("gemma3", "mistral", "phi3"):
         assert plan(tiny_models[arch], architecture=arch).architecture == arch
+
+
+def test_an_activation_past_fp16_off_the_residual_stream_stops_the_conversion_naming_it(tmp_path):
+    """Layer 0's MLP inside past 65,504 (its post-norm keeps the residual
+    stream small): no residual scale helps, so the conversion says so."""
+    from transformers import AutoModelForCausalLM
+
+    from shared.errors import AnemllError
+
+    make_tiny_model("gemma3", tmp_path / "hf", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e5)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    with pytest.raises(AnemllError, match=r"in layer 0\) reaches .* not on the residual stream") as info:
+        pipeline.convert(tmp_path / "hf", tmp_path / "ane", ConvertOptions.from_mapping(NO_LUT))
+    assert info.value.stage == "calibrate" and info.value.hint
+    assert not (tmp_path / "ane").exists()
