@@ -3,14 +3,15 @@ conversion, and the residual-stream scale that keeps them inside fp16.
 
 Every activation of a converted part is fp16 (largest finite value 65,504).
 Gemma 3's residual stream goes past that. The torch model runs in fp32 over
-a calibration text (the verify sample, or the first ``context_length`` tokens
-of it), one chunk at a time as the export loads them, and every tensor an op
+the verify sample (its first ``context_length`` tokens, ``MAX_TOKENS`` at
+most), one chunk at a time as the export loads them, and every tensor an op
 produces is measured. If the largest would come within ``HEADROOM`` of fp16's
 maximum, the residual stream is carried scaled by a power of two (exact in
-floating point) chosen from its own peak: architectures that can (``RESIDUAL_SCALE``)
-fold the scale into the embeddings and into the norms whose output joins the
-stream, and every norm that reads the stream cancels it (RMSNorm(a x) =
-RMSNorm(x) but for eps, against a mean square that is then above 1e5).
+floating point) chosen from its own peak: architectures that can
+(``RESIDUAL_SCALE``) fold the scale into the embeddings and into the norms
+whose output joins the stream, and every norm that reads the stream cancels
+it: RMSNorm(a x) = RMSNorm(x) but for eps, which acts as eps / a^2 (Gemma's
+1e-6 as 1e-3 at a = 1/32, beside a mean square near 1 even at the embeddings).
 The scaled model is measured again, so the number recorded is the one the
 converted model will see.
 
@@ -84,7 +85,8 @@ class _Peaks(TorchFunctionMode):
             if value > self.peak:
                 self.peak, self.peak_at = value, f"{getattr(func, '__name__', func)} in {self.where}"
             name = getattr(func, "__name__", "")
-            if name in ("add", "__add__", "__radd__") and t.dim() == 3 and t.shape[0] == 1 and t.shape[2] == self.hidden:
+            residual = t.dim() == 3 and t.shape[0] == 1 and t.shape[2] == self.hidden
+            if residual and name in ("add", "__add__", "__radd__"):
                 self.residual = max(self.residual, value)
         return out
 
@@ -107,8 +109,8 @@ def calibration_ids(source_path: Path, vocab: int, limit: int) -> tuple[list[int
     return [(i * step) % vocab for i in range(limit)], "ids spread over the vocabulary (no tokenizer)"
 
 
-def measure(args: ModelArgs, chunks: list[range], load: Callable[..., AneLM], embed_rows: Callable[[list[int]], torch.Tensor],
-            ids: list[int], context_length: int) -> _Peaks:
+def measure(args: ModelArgs, chunks: list[range], load: Callable[..., AneLM],
+            embed_rows: Callable[[list[int]], torch.Tensor], ids: list[int], context_length: int) -> _Peaks:
     """Run ``ids`` through every chunk (``load(layers=...)`` builds one with
     its weights) in fp32, measuring every tensor; ``embed_rows`` gives the
     embedded ids as the embeddings part computes them."""

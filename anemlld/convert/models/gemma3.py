@@ -45,7 +45,8 @@ def layer_kinds(cfg: dict[str, Any]) -> list[str]:
     if cfg.get("layer_types") is not None:
         return cfg["layer_types"]
     pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(int(cfg["num_hidden_layers"]))]
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(int(cfg["num_hidden_layers"]))]
 
 
 def rope_of(cfg: dict[str, Any], kind: str) -> tuple[float, dict | None]:
