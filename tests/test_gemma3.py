@@ -182,3 +182,18 @@ def test_an_activation_past_fp16_off_the_residual_stream_stops_the_conversion_na
         pipeline.convert(tmp_path / "hf", tmp_path / "ane", ConvertOptions.from_mapping(NO_LUT))
     assert info.value.stage == "calibrate" and info.value.hint
     assert not (tmp_path / "ane").exists()
+
+
+@torch.no_grad()
+def test_gemma3_in_rings_of_16_slots_matches_transformers_at_every_position_of_48_tokens(tiny_models, tmp_path):
+    """The window (4) in a ring of 16 slots (3 turns), local and global layers
+    each with their rope, across two chunks: torch, against transformers."""
+    from tests.ane_reference import chained, run
+    from tests.test_sliding_window import IDS, RING, transformers_logits
+
+    ends, parts, _ = chained("gemma3", HFSource.open(tiny_models["gemma3"]), chunks=2, ring=RING)
+    want = transformers_logits(tiny_models["gemma3"], IDS)
+    got = [run(ends, parts, IDS[:9], 0)] + [run(ends, parts, [t], i) for i, t in enumerate(IDS[9:], start=9)]
+    assert max((g - want[i]).abs().max().item() for i, g in zip(range(8, len(IDS)), got)) < 1e-4
+    wide = with_config(tiny_models["gemma3"], tmp_path / "wide", sliding_window=4096)
+    assert (transformers_logits(wide, IDS)[-1] - want[-1]).abs().max().item() > 0.01  # the windows matter here
