@@ -4,10 +4,11 @@ before each token is sampled and tells of each token accepted.
 
 Grammars come from a request's ``format`` (``"json"``: any JSON object; a
 dict: a JSON schema) or from a tool call's syntax (anemlld.runtime.tools
-builds those, with the tools' parameter schemas embedded). JSON is written
-without optional whitespace, so a model cannot spend its tokens on spaces.
-A schema keyword llguidance does not implement is refused with a
-``bad_request`` naming it; nothing is ignored.
+builds those, with the tools' parameter schemas embedded). A ``format``'s
+JSON is written without optional whitespace, so a model cannot spend its
+tokens on spaces; a tool call's may have one space between tokens, as
+templates write calls. A schema keyword llguidance does not implement is
+refused with a ``bad_request`` naming it; nothing is ignored.
 
 A guided answer ends when the grammar is complete (the engine stops at
 once). Its last quarter of ``max_tokens`` (at least 8 tokens) steers to
@@ -15,8 +16,8 @@ closing: among the tokens the grammar allows, only those that close the open
 string (``"``, then nothing but ``}``/``]``), else those that only close
 objects and arrays, else those that end a value with ``,`` (when a required
 key or item is still missing), whenever the grammar allows one; otherwise
-the grammar gets what it needs (a key's name, a value's first character). Every step there either
-closes something or writes what the schema requires, so an answer that can
+the grammar gets what it needs (a key's name, a value's first character).
+Every step there either closes something or writes what the schema requires, so an answer that can
 still be finished in its budget is; one that cannot ends at ``max_tokens``
 with ``length``, and nothing claims that text is complete (docs/http.md,
 "Structured output").
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object and Ollama's "json"
 JSON_OPTIONS = {"whitespace_flexible": False}
+# Tool calls: at most one space between JSON tokens, as chat templates write calls
+# (`{"name": "f", "arguments": {...}}`) and models trained on them repeat.
+CALL_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
 # Steering to closing, most closing first: inside a string, then outside.
 CLOSING = ((re.compile(rb"[\]}]+"), re.compile(rb",.*", re.S)), (re.compile(rb'[^"\\]*"[\]}]*'),))
 _views_lock = threading.Lock()
@@ -68,9 +72,9 @@ def json_grammar(fmt: Any) -> str:
                        code="bad_request") from None
 
 
-def embedded(schema: dict[str, Any]) -> str:
+def embedded(schema: dict[str, Any], options: dict[str, Any] = CALL_JSON_OPTIONS) -> str:
     """``schema`` as a Lark rule body, for grammars that embed JSON in other text."""
-    return "%json " + json.dumps({"x-guidance": JSON_OPTIONS, **schema})
+    return "%json " + json.dumps({"x-guidance": options, **schema})
 
 
 def lark_grammar(lark: str) -> str:
