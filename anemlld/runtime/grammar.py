@@ -48,6 +48,7 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 CALL_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
 # Steering to closing, most closing first: inside a string, then outside.
 CLOSING = ((re.compile(rb"[\]}]+"), re.compile(rb",.*", re.S)), (re.compile(rb'[^"\\]*"[\]}]*'),))
+BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by "allowed" bit
 _views_lock = threading.Lock()
 
 
@@ -106,7 +107,8 @@ class Guide:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar forbids at -inf."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little", count=logits.shape[-1]).astype(bool)
+        ones = np.unpackbits(bits, bitorder="little", count=logits.shape[-1])
+        allowed = ones.view(bool)
         self._check()
         if self.left is not None and self.left <= self.steer_at:
             for closing in self.closers[int(self.in_string)]:
@@ -115,9 +117,14 @@ class Guide:
                     allowed[:] = False
                     allowed[:steered.shape[0]] = steered
                     break
-        out = np.array(logits, dtype=np.float32)
-        out[~allowed] = -np.inf
-        return out
+        # Both ways are branch-free per token: a few allowed tokens are copied,
+        # many get a 0 / -inf bias (measured on a 128K vocabulary: 4 and 3 times
+        # faster than a boolean-indexed assignment, bench/grammar.py).
+        if np.count_nonzero(ones) * 8 < ones.shape[0]:
+            out = np.full(ones.shape[0], -np.inf, dtype=np.float32)
+            np.copyto(out, logits, where=allowed)
+            return out
+        return np.add(logits, BIAS[ones], dtype=np.float32)
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(int(token))
