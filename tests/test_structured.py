@@ -249,6 +249,8 @@ REFUSED = [
     ({"model": "qwen3", "tools": TOOLS, "response_format": {"type": "json_object"}}, 400,
      "format together with tools"),
     ({"model": "qwen3", "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400, "function.name"),
+    ({"model": "qwen3", "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}]}, 400, "not"),
 ]
 
 

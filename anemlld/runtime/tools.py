@@ -172,6 +172,8 @@ class Begun:
 
     def __init__(self, tokenizer: Any, eos: Iterable[int], use: ToolUse, budget: int):
         self.tokenizer, self.eos, self.use, self.budget = tokenizer, tuple(eos), use, budget
+        self.grammar = grammar.lark_grammar(use.lark(loose=True))
+        grammar.Guide(tokenizer, self.eos, self.grammar)  # a schema it cannot do is refused now, not mid-answer
         self.tokens: list[int] = []
         self.inner: grammar.Guide | None = None
         self.free = False
@@ -189,8 +191,7 @@ class Begun:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=False).lstrip()
         opening = self.use.opening
         if text.startswith(opening):
-            inner = grammar.Guide(self.tokenizer, self.eos, grammar.lark_grammar(self.use.lark(loose=True)),
-                                  self.budget)
+            inner = grammar.Guide(self.tokenizer, self.eos, self.grammar, self.budget)
             try:
                 for t in self.tokens:
                     inner.accept(t)
