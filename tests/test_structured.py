@@ -225,6 +225,13 @@ def test_ollama_tools_return_calls_with_object_arguments(api):
         jsonschema.validate(dict(call.function.arguments), params)
 
 
+def test_ollama_show_lists_tools_for_a_template_with_tool_support(api, folders):
+    for name in ("pico", "qwen3"):  # the registry's folders hold what /api/show reads
+        shutil.copy(folders[name] / "chat_template.jinja", api.registry.get(name).path)
+    assert api.ollama().show("qwen3").capabilities == ["completion", "tools"]
+    assert api.ollama().show("pico").capabilities == ["completion"]
+
+
 def test_the_tool_syntax_is_read_from_the_template_text():
     assert form_of(tool_templates.HERMES) == HERMES and form_of(tool_templates.LLAMA3) == LLAMA3
     assert form_of((DEMO_MODEL / "chat_template.jinja").read_text()) is None
