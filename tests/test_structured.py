@@ -356,3 +356,16 @@ def test_the_tool_stream_holds_the_call_back_and_done_carries_it():
     assert out[-1].tool_calls[0]["arguments"] == {"a": 1, "b": 2} and out[-1].stats.done_reason == "tool_calls"
     cut = list(use.stream(iter(events[:2] + [Done("".join(pieces[:2]), [0, 1], Stats(done_reason="length"))])))
     assert "".join(e.text for e in cut[:-1]) == "Let me check. <tool" and cut[-1].tool_calls is None
+
+
+def test_the_closing_tokens_found_from_token_names_are_exactly_those_found_from_bytes(tokenizer):
+    import llguidance.hf
+
+    from anemlld.runtime import grammar
+
+    view = llguidance.hf.from_tokenizer(tokenizer)
+    texts = [view.decode_bytes([i]) for i in range(view.vocab_size)]
+    exact = [[np.array([bool(rx.fullmatch(t)) for t in texts]) for rx in where] for where in grammar.CLOSING]
+    fast = grammar._closers(tokenizer, view)
+    assert all((f == e).all() for fs, es in zip(fast, exact) for f, e in zip(fs, es))
+    assert all(f.any() for fs in fast for f in fs)

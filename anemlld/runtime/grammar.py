@@ -164,8 +164,23 @@ def tokenizer_view(tokenizer: Any, eos: Iterable[int]) -> tuple[Any, tuple[tuple
                 raise BadInput(f"this model's tokenizer cannot be used for constrained decoding ({e})",
                                "structured output needs a fast (tokenizer.json) tokenizer",
                                code="bad_request") from None
-            texts = [view.decode_bytes([i]) for i in range(view.vocab_size)]
-            closers = tuple(tuple(np.fromiter((bool(rx.fullmatch(t)) for t in texts), dtype=bool, count=len(texts))
-                                  for rx in where) for where in CLOSING)
+            closers = _closers(tokenizer, view)
             made = tokenizer._anemll_llguidance = (view, closers)
         return made
+
+
+def _closers(tokenizer: Any, view: Any) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``CLOSING`` as masks over the vocabulary. Only tokens whose text shows a
+    closing character (or a byte token, ``<0x22>``) are decoded to bytes: a
+    Python call per token of a 128K vocabulary would take seconds."""
+    n = view.vocab_size
+    names = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+    maybe = [i for i, name in enumerate(names) if name is None or name.startswith("<0x")
+             or any(c in name for c in '"]},')]
+    masks = tuple(tuple(np.zeros(n, dtype=bool) for _ in where) for where in CLOSING)
+    for i in maybe:
+        text = view.decode_bytes([i])
+        for rxs, arrays in zip(CLOSING, masks):
+            for rx, array in zip(rxs, arrays):
+                array[i] = bool(rx.fullmatch(text))
+    return masks
