@@ -181,6 +181,17 @@ def read_meta(root: str | Path) -> Layout:
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
                            "fix meta.yaml or convert the model again", stage="load")
-    if params.get("ring_size") and not params.get("sliding_window"):
+    window, ring = int(params.get("sliding_window") or 0), int(params.get("ring_size") or 0)
+    if ring and not window:
         raise BadInput(f"{path} gives a ring_size but no sliding_window", "convert the model again", stage="load")
+    batch, context = int(params.get("batch_size", 64)), int(params["context_length"])
+    if ring and ring < context and (ring % batch or ring < window + batch - 1):
+        raise BadInput(f"{path}: ring_size {ring} cannot hold a window of {window} and a batch of {batch} in whole "
+                       "batches", "convert the model again", stage="load")
+    if window and not ring and not (root / MANIFEST_FILE).is_file():
+        # ANEMLL's Gemma 3: window-sized local caches shifted by rotate functions
+        raise BadInput(f"{path} describes sliding-window layers in ANEMLL's layout (infer_rotate / prefill_rotate "
+                       "functions), which this anemlld cannot serve",
+                       "let anemlld convert the original Hugging Face model (its ring caches need no rotate "
+                       "functions)", stage="load")
     return Layout(root, params, info)

@@ -2,7 +2,10 @@
 
 It owns the tokenizer and chat template, prefill (full batches through
 ``prefill``, the remainder one token at a time through ``infer``, so nothing
-is ever padded into the cache), decoding, sampling, stopping, incremental
+is ever padded into the cache; in models with sliding-window layers, whose
+K/V live in ring caches, batches start at multiples of the batch size and the
+tokens before go through ``infer``: runtime/attention.py has the inputs each
+step takes), decoding, sampling, stopping, incremental
 detokenization, reuse of a session's cached prefix (a KV state plus the
 tokens it holds, so a follow-up turn prefills only what is new; which state a
 request gets is the prefix cache's choice), the context window, cancellation,

@@ -157,7 +157,7 @@ def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
         return ()
     kinds = cfg.get("layer_types")
     if kinds is None:
-        first = cfg.get("max_window_layers", 0) if "max_window_layers" in cfg else 0
+        first = cfg.get("max_window_layers") or 0
         return tuple(window if i >= first else None for i in range(layers))
     if not isinstance(kinds, list) or len(kinds) != layers:
         raise BadInput(f"config.json has layer_types for {len(kinds) if isinstance(kinds, list) else 'no'} of "
@@ -372,8 +372,9 @@ def ring_size(window: int, batch: int, context_length: int) -> int:
     prefill batch that holds the window and one batch more, or the context if
     that is no longer. A batch starting at a multiple of the batch size then
     writes contiguous slots and never overwrites a key one of its own tokens
-    still needs (the oldest such key is ``window - 1`` before the batch, the
-    slot it overwrites held a position ``ring`` before its own)."""
+    still needs: the batch at positions p..p+B-1 overwrites the keys of
+    p-R..p-R+B-1, all older than p-W+1, the oldest its first token attends
+    to, whenever R >= W + B - 1."""
     return min(batch * (-(-window // batch) + 1), context_length)
 
 
