@@ -30,6 +30,9 @@ def _add_convert(sub) -> None:
     c.add_argument("--lut-lm-head", help="none, 4, 6 or 8 (default 6)")
     c.add_argument("--prefix", help="file name prefix (default from the architecture: llama, qwen)")
     c.add_argument("--architecture", help="override detection: llama, qwen2, qwen3")
+    c.add_argument("--argmax-in-model", action="store_true", default=None,
+                   help="give the LM head an argmax function beside its logits: greedy decoding reads one token "
+                        "id instead of the whole vocabulary")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -85,6 +85,30 @@ class Layout:
         return int(self.params.get("split_lm_head", 8))
 
     @property
+    def argmax_only(self) -> bool:
+        """The LM head returns each split's argmax instead of logits (ANEMLL's
+        ``--argmax``): greedy decoding only."""
+        return _true(self.params.get("argmax_in_model"))
+
+    @property
+    def head_argmax_function(self) -> bool:
+        """The LM head has an ``argmax`` function beside its default ``logits``
+        (ours, with ``--argmax-in-model``)."""
+        return "argmax" in str(self.params.get("lm_head_functions", "")).split(",")
+
+    @property
+    def lm_head_chunk_sizes(self) -> list[int]:
+        """Vocabulary entries per LM-head split, in order: maps a split's own
+        argmax to a token id."""
+        sizes = self.params.get("lm_head_chunk_sizes")
+        if sizes is None:
+            vocab, parts = int(self.params["vocab_size"]), self.split_lm_head
+            return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
+        if isinstance(sizes, str):
+            sizes = [s for s in sizes.strip("[] ").split(",") if s.strip()]
+        return [int(s) for s in sizes]
+
+    @property
     def architecture(self) -> str:
         return str(self.info.get("architecture", "llama"))
 
@@ -116,6 +140,10 @@ class Layout:
         ffn = re.sub(r"_chunk_\d+of\d+$", "", ffn)
         n = self.num_chunks
         return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
+
+
+def _true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def _prefer(p: Path, ext: str) -> Path:
@@ -150,10 +178,6 @@ def read_meta(root: str | Path) -> Layout:
     if kind != "chunked":
         raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked)",
                        "convert the model again with anemlld", stage="load")
-    if params.get("argmax_in_model") in (True, "true", "True", 1):
-        raise BadInput(f"{path}: its LM head returns only the argmax (ANEMLL's --argmax), which this anemlld "
-                       "cannot serve yet", "re-convert without --argmax, or let anemlld convert the original "
-                       "model", stage="load")
     missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
@@ -162,4 +186,14 @@ def read_meta(root: str | Path) -> Layout:
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
                            "fix meta.yaml or convert the model again", stage="load")
+    sizes = params.get("lm_head_chunk_sizes")
+    try:
+        if sizes is None and _true(params.get("argmax_in_model")):
+            int(params["vocab_size"])
+        elif sizes is not None:
+            Layout(root, params, info).lm_head_chunk_sizes
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a list of whole numbers) or "
+                       f"vocab_size to map its answers to tokens; it has lm_head_chunk_sizes = {sizes!r}",
+                       "fix meta.yaml or convert the model again", stage="load") from None
     return Layout(root, params, info)

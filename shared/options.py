@@ -43,6 +43,8 @@ def parse_option(key: str, value: Any) -> Any:
         return _architecture(value)
     if key == "prefix":
         return _prefix(value)
+    if key in ("argmax_in_model", "monolithic"):
+        return _flag(key, value)
     raise KeyError(key)
 
 
@@ -60,10 +62,11 @@ class ConvertOptions:
     lut_lm_head: int | None = 6
     prefix: str | None = None  # default: the architecture's
     architecture: str | None = None  # default: detected from config.json
+    argmax_in_model: bool = False  # the LM head also gets an ``argmax`` function (greedy decoding reads one id)
     lut_group_size: int = field(default=16, metadata={"internal": True})
 
     KEYS = ("context_length", "batch_size", "chunks", "max_chunk_mb", "lut_embeddings",
-            "lut_ffn", "lut_lm_head", "prefix", "architecture")
+            "lut_ffn", "lut_lm_head", "prefix", "architecture", "argmax_in_model")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -120,6 +123,12 @@ def _positive_int(key: str, value: Any, extra: str = "") -> int:
         raise BadInput(f"{key} = {value!r} is not a positive integer",
                        f"set {key} to a whole number above 0 {extra}".rstrip())
     return n
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise BadInput(f"{key} = {value!r} is not true or false", f"write {key} = true or {key} = false")
 
 
 def _architecture(value: Any) -> str | None:

@@ -84,7 +84,7 @@ def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_
 
 @pytest.mark.parametrize("changes, needle", [
     ({"model_type": "monolithic", "monolithic_model": "llama_monolithic_full_lut4.mlmodelc"}, "monolithic"),
-    ({"argmax_in_model": True}, "--argmax"),
+    ({"argmax_in_model": True, "lm_head_chunk_sizes": "many"}, "lm_head_chunk_sizes"),
     ({"model_type": "hybrid"}, "model_type 'hybrid'"),
     ({"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
 ])

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "model.model.kv_cache_0"
 INFER, PREFILL = "infer", "prefill"
+LOGITS, ARGMAX = "logits", "argmax"  # the LM head's functions (with --argmax-in-model)
 
 
 def _ct():
@@ -103,12 +104,23 @@ class ChunkPart(nn.Module):
 
 
 class HeadPart(nn.Module):
-    def __init__(self, lm: AneLM):
+    """The split LM head: ``logits1..K``, or with ``argmax`` each split's
+    winner, ``argmax_idx`` (int32, index within the split) and
+    ``argmax_val`` (its logit), as ANEMLL's ``--argmax`` heads return them:
+    2K numbers leave the model instead of the vocabulary."""
+
+    def __init__(self, lm: AneLM, argmax: bool = False):
         super().__init__()
         self.model = lm
+        self.argmax = argmax
 
     def forward(self, hidden_states):
-        return tuple(self.model.head(hidden_states))
+        splits = self.model.head(hidden_states)
+        if not self.argmax:
+            return tuple(splits)
+        values = torch.cat([s.reshape(-1).max(dim=0, keepdim=True).values for s in splits])
+        indices = torch.cat([s.reshape(-1).argmax(dim=0, keepdim=True).to(torch.int32) for s in splits])
+        return indices, values
 
 
 def _trace(module: nn.Module, example: tuple) -> torch.jit.ScriptModule:
@@ -201,11 +213,15 @@ def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = Non
     return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
 
 
-def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
+def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
-    traced = _trace(HeadPart(lm), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
-    outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
+    traced = _trace(HeadPart(lm, argmax), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
+    if argmax:
+        outputs = [ct.TensorType(name="argmax_idx", dtype=np.int32),
+                   ct.TensorType(name="argmax_val", dtype=np.float16)]
+    else:
+        outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
     return _convert(traced, inputs, outputs, lut=lut)
 
@@ -248,14 +264,15 @@ def package_spec_path(pkg: Path) -> Path:
     return pkg / "Data" / root["path"]
 
 
-def combine(infer_pkg: Path, prefill_pkg: Path, out: Path, meta: dict[str, str], description: str) -> None:
-    """One package with ``infer`` (default) and ``prefill``; weights that are
-    byte-identical in both are stored once."""
+def combine(functions: dict[str, Path], out: Path, meta: dict[str, str], description: str) -> None:
+    """One package with a function per entry of ``functions`` (name ->
+    single-function package), the first the default; weights that are
+    byte-identical in all of them are stored once."""
     ct = _ct()
     desc = ct.utils.MultiFunctionDescriptor()
-    desc.add_function(str(infer_pkg), src_function_name="main", target_function_name=INFER)
-    desc.add_function(str(prefill_pkg), src_function_name="main", target_function_name=PREFILL)
-    desc.default_function_name = INFER
+    for name, pkg in functions.items():
+        desc.add_function(str(pkg), src_function_name="main", target_function_name=name)
+    desc.default_function_name = next(iter(functions))
     tmp = out.with_name(out.stem + ".combining.mlpackage")
     shutil.rmtree(tmp, ignore_errors=True)
     with warnings.catch_warnings():

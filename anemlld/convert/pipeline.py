@@ -334,10 +334,32 @@ def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, hea
     else:
         bits, kind, fn, what = p.options.lut_embeddings, nn.Embedding, export.export_embeddings, "token embeddings"
     table = _quantize(st, name, lm, bits, p, kind, w * q)
+    if head and p.options.argmax_in_model:
+        _build_head_functions(p, shapes, work, st, name, lm, table, w, what)
+        return
     model = st.run("export", name, w, fn, lm, shapes, table)
     del lm
     export.set_metadata(model, _metadata(p, bits), what)
     _save(model, target)
+    gc.collect()
+
+
+def _build_head_functions(p: Plan, shapes, work: Path, st: _Stages, name: str, lm: AneLM, table, w: float,
+                          what: str) -> None:
+    """The LM head with ``logits`` (default, what every runner calls) and
+    ``argmax`` over the same (once quantized) weights, stored once."""
+    fn_paths = {}
+    for fn, argmax in ((export.LOGITS, False), (export.ARGMAX, True)):
+        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
+        model = st.run("export", f"{name} ({fn})", w / 2, export.export_head, lm, shapes, table, argmax)
+        _save(model, fn_paths[fn])
+        del model
+    del lm
+    meta = _metadata(p, p.options.lut_lm_head, functions=f"{export.LOGITS},{export.ARGMAX}")
+    st.run("combine", name, 0.0, export.combine, fn_paths, work / f"{name}.mlpackage", meta,
+           f"{what}: logits, or each part's argmax")
+    for path in fn_paths.values():
+        shutil.rmtree(path, ignore_errors=True)
     gc.collect()
 
 
@@ -367,8 +389,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     del lm
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
     desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
-    st.run("combine", name, 0.0, export.combine, fn_paths[export.INFER], fn_paths[export.PREFILL], target,
-           meta, desc)
+    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta, desc)
     for path in fn_paths.values():
         shutil.rmtree(path, ignore_errors=True)
 
@@ -398,11 +419,15 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         # its own working directory; without it, it reads the model's folder.
         "model_type": "chunked",
         "num_logits": p.lm_head_split,
+        # Our argmax is a second function of the head; the default function
+        # still returns logits, as runners that read this key as false expect.
         "argmax_in_model": False,
         "prefill_dynamic_slice": True,
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
+    if o.argmax_in_model:
+        params["lm_head_functions"] = f"{export.LOGITS},{export.ARGMAX}"
     window = sliding_window(p.source.config, o.context_length)
     if window is not None:  # every layer's window, applied by the engine's causal mask
         params["sliding_window"] = window

@@ -275,10 +275,12 @@ class Engine:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # --- running tokens through the cache ------------------------------------
-    def feed(self, session: Session, ids: list[int], cancel: threading.Event | None = None) -> np.ndarray | None:
+    def feed(self, session: Session, ids: list[int], cancel: threading.Event | None = None,
+             greedy: bool = False) -> np.ndarray | int | None:
         """Run ``ids`` after the session's cached tokens; logits of the last
-        one (None if cancelled). Full batches go through ``prefill`` while
-        they fit, the rest one at a time through ``infer``."""
+        one, or with ``greedy`` its most likely next token (None if
+        cancelled). Full batches go through ``prefill`` while they fit, the
+        rest one at a time through ``infer``."""
         ex, b = self.executor, self.batch
         ex.bind_thread()
         pos, i, hidden = len(session.tokens), 0, None
@@ -300,7 +302,7 @@ class Engine:
             hidden = ex.ffn(h, np.asarray([pos]), self.mask[None, None, pos:pos + 1], pos, session.state, INFER)
             session.tokens.append(t)
             pos += 1
-        return ex.logits(hidden)
+        return ex.argmax(hidden) if greedy else ex.logits(hidden)
 
     def _reuse(self, session: Session, ids: list[int]) -> int:
         """Keep the longest cached prefix of ``ids`` (at least one token is
@@ -330,6 +332,19 @@ class Engine:
         return recent
 
     # --- generation ---------------------------------------------------------
+    def _head_argmax(self, params: SamplingParams) -> bool:
+        """Whether this request's tokens come from the head's argmax (greedy
+        with nothing that reshapes the logits) instead of its logits."""
+        plain = (params.temperature == 0 and params.repetition_penalty == 1.0 and not params.presence_penalty
+                 and not params.frequency_penalty)
+        if self.layout.argmax_only and not plain:
+            raise BadInput(f"{self.name} was converted with ANEMLL's --argmax: its LM head returns only the most "
+                           "likely token, so it decodes greedily only, without penalties",
+                           "send temperature 0 and no repetition/presence/frequency penalty, or re-convert the "
+                           "model without --argmax (anemlld convert keeps the logits and adds the argmax with "
+                           "--argmax-in-model)", code="bad_request")
+        return plain and self.executor.has_argmax
+
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
                  cancel: threading.Event | None = None, *, ids: list[int] | None = None) -> Iterator[Token | Done]:
@@ -346,9 +361,10 @@ class Engine:
         if stats.truncated_tokens:
             session.tokens.clear()
         stats.cached_tokens = self._reuse(session, ids)
+        greedy = self._head_argmax(params)
         t0 = time.perf_counter()
         todo = ids[stats.cached_tokens:]
-        logits = self.feed(session, todo, cancel)
+        logits = self.feed(session, todo, cancel, greedy)
         stats.prefill_tokens = len(todo)
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
@@ -356,7 +372,7 @@ class Engine:
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
-            token = sampler(logits, session.tokens, generated)
+            token = logits if greedy else sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break
@@ -373,9 +389,9 @@ class Engine:
             else:
                 if len(session.tokens) >= self.ctx:
                     stats.context_shifts += 1
-                    logits = self.feed(session, self._shift(session) + [token], cancel)
+                    logits = self.feed(session, self._shift(session) + [token], cancel, greedy)
                 else:
-                    logits = self.feed(session, [token])
+                    logits = self.feed(session, [token], greedy=greedy)
                 if logits is None:
                     reason = "cancelled"
         tail = detok.flush()

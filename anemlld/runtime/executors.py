@@ -4,7 +4,8 @@
 ``portable`` runs the very same ``.mlpackage`` files anywhere through our MIL
 executor. Both expose: make a state, embed token ids, run the FFN chunks
 (function ``infer`` or ``prefill``) over the shared state, and turn a hidden
-state into logits (the split LM head concatenated).
+state into logits (the split LM head concatenated) or straight into the
+greedy token (the head's ``argmax`` function, or an argmax-only head).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from shared.settings import env_count
 log = logging.getLogger(__name__)
 
 INFER, PREFILL = "infer", "prefill"
+ARGMAX = "argmax"  # the LM head's second function, when it has one
 Progress = Callable[[str, float], None]  # (part file name, fraction of the parts loaded)
 
 
@@ -36,6 +38,26 @@ class Executor:
         self.layout = layout
         self.split = layout.split_lm_head
         self.load_ms = 0.0
+        # Where each LM-head split starts in the vocabulary.
+        self._offsets = np.cumsum([0] + layout.lm_head_chunk_sizes[:-1]) if (
+            layout.argmax_only or layout.head_argmax_function) else None
+
+    @property
+    def has_argmax(self) -> bool:
+        """Whether the head can return the greedy token without the logits."""
+        return self._offsets is not None
+
+    def _logits_or_refuse(self) -> None:
+        if self.layout.argmax_only:
+            raise AnemllError(f"{self.layout.root.name}'s LM head returns only its argmax (ANEMLL's --argmax), "
+                              "not logits", "decode greedily, or re-convert the model without --argmax",
+                              stage="predict", code="bad_request")
+
+    def _token(self, indices: np.ndarray, values: np.ndarray) -> int:
+        """The vocabulary id of the best split's winner (the first on ties, as
+        argmax over the concatenated logits)."""
+        best = int(np.argmax(np.asarray(values, dtype=np.float32).reshape(-1)))
+        return int(np.asarray(indices).reshape(-1)[best]) + int(self._offsets[best])
 
     # The four things the engine needs; subclasses bind the backend.
     def make_state(self) -> Any:
@@ -51,6 +73,10 @@ class Executor:
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def argmax(self, hidden: Any) -> int:
+        """The greedy token, from as little of the head as it can return."""
+        return int(np.argmax(self.logits(hidden)))
+
     def bind_thread(self) -> None:
         """Called by the engine on the thread about to run the model."""
 
@@ -62,7 +88,11 @@ class Executor:
         mask = np.full((1, 1, 1, ctx), -np.inf, dtype=np.float16)
         mask[..., 0] = 0
         h = self.embed(np.zeros((1, 1), dtype=np.int32))
-        self.logits(self.ffn(h, np.zeros(1, dtype=np.int32), mask, 0, self.make_state(), INFER))
+        hidden = self.ffn(h, np.zeros(1, dtype=np.int32), mask, 0, self.make_state(), INFER)
+        if not self.layout.argmax_only:
+            self.logits(hidden)
+        if self.has_argmax:
+            self.argmax(hidden)
 
 
 def _ffn_inputs(hidden, position_ids, causal_mask, current_pos) -> dict[str, Any]:
@@ -109,6 +139,7 @@ class PortableExecutor(Executor):
             models.append(PortableModel(path, device))
         self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
         self._outputs = [f"logits{i + 1}" for i in range(len(self.head.output_names()))]
+        self._argmax_fn = ARGMAX if self.layout.head_argmax_function else None  # None: the default
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
@@ -136,8 +167,15 @@ class PortableExecutor(Executor):
     def logits(self, hidden):
         import torch
 
+        self._logits_or_refuse()
         out = self.head.predict_tensors({"hidden_states": hidden})
         return torch.cat([out[k].reshape(-1) for k in self._outputs]).float().cpu().numpy()
+
+    def argmax(self, hidden):
+        if not self.has_argmax:
+            return super().argmax(hidden)
+        out = self.head.predict_tensors({"hidden_states": hidden}, function=self._argmax_fn)
+        return self._token(out["argmax_idx"].cpu().numpy(), out["argmax_val"].cpu().numpy())
 
 
 class CoreMLExecutor(Executor):
@@ -169,6 +207,7 @@ class CoreMLExecutor(Executor):
             self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
         report(paths[-1].name, (len(paths) - 1) / len(paths))
         self.head = self._load(paths[-1])
+        self.head_argmax = self._load(paths[-1], ARGMAX) if layout.head_argmax_function else self.head
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
@@ -197,9 +236,16 @@ class CoreMLExecutor(Executor):
         return inputs["hidden_states"]
 
     def logits(self, hidden):
+        self._logits_or_refuse()
         out = self.head.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
         return np.concatenate([np.asarray(out[f"logits{i + 1}"]).reshape(-1) for i in range(self.split)]
                               ).astype(np.float32)
+
+    def argmax(self, hidden):
+        if not self.has_argmax:
+            return super().argmax(hidden)
+        out = self.head_argmax.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+        return self._token(out["argmax_idx"], out["argmax_val"])
 
 
 def coreml_unavailable() -> str | None:
