@@ -114,7 +114,8 @@ def _run(ns: argparse.Namespace) -> int:
 def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="compare a converted model with its Hugging Face original",
                        description="Run the converted model over a text and report perplexity, logit "
-                                   "differences and next-token agreement against transformers.")
+                                   "differences, next-token agreement and KL divergence against "
+                                   "transformers.")
     v.add_argument("model", help="converted model folder")
     v.add_argument("--reference", help="the Hugging Face folder (default: the one recorded at conversion)")
     v.add_argument("--text", help="UTF-8 text to evaluate on (default: a built-in sample)")
@@ -145,6 +146,7 @@ def _verify(ns: argparse.Namespace) -> int:
               f"ratio {r.perplexity / r.reference_perplexity:.4f})")
         print(f"  max |logit diff|      {r.max_abs_logit_diff:.4f}  (mean {r.mean_abs_logit_diff:.4f})")
         print(f"  next-token agreement  {r.greedy_agreement * 100:.2f}%")
+        print(f"  KL divergence         {r.kl_divergence:.6f} nats per token (from the reference)")
     return 0
 
 
