@@ -302,12 +302,13 @@ def _save(model, path: Path) -> None:
     tmp.rename(path)
 
 
-def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weight: float):
-    """k-means the part's torch weights once; the export encodes them."""
+def _quantize(st: _Stages, name: str, lm, part: str, p: Plan, kind, weight: float):
+    """k-means the torch weights of ``part`` (``lut_ffn``, ...) once; the export encodes them."""
+    bits, group = getattr(p.options, part), p.options.group_size(part)
     if bits is None:
         return None
-    st.run("quantize", name, weight, lut.quantize_module, lm, bits, p.options.lut_group_size, kind)
-    return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
+    st.run("quantize", name, weight, lut.quantize_module, lm, bits, group, kind)
+    return export.Lut(bits, group, "gather" if kind is nn.Embedding else "conv")
 
 
 def _loaded(p: Plan, st: _Stages, name: str, **part) -> AneLM:
@@ -329,11 +330,11 @@ def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, hea
         return
     lm = _loaded(p, st, name, layers=range(0), embeddings=not head, lm_head=head, lm_head_split=p.lm_head_split)
     if head:
-        bits, kind, fn, what = p.options.lut_lm_head, nn.Conv2d, export.export_head, \
-            f"LM head in {p.lm_head_split} parts"
+        part, kind, fn, what = "lut_lm_head", nn.Conv2d, export.export_head, f"LM head in {p.lm_head_split} parts"
     else:
-        bits, kind, fn, what = p.options.lut_embeddings, nn.Embedding, export.export_embeddings, "token embeddings"
-    table = _quantize(st, name, lm, bits, p, kind, w * q)
+        part, kind, fn, what = "lut_embeddings", nn.Embedding, export.export_embeddings, "token embeddings"
+    bits = getattr(p.options, part)
+    table = _quantize(st, name, lm, part, p, kind, w * q)
     if head and p.options.argmax_in_model:
         _build_head_functions(p, shapes, work, st, name, lm, table, w, what)
         return
@@ -374,7 +375,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     bits = p.options.lut_ffn
     # Quantized once; both functions encode the same values, so their tables
     # and indices are byte-identical and the combined package stores them once.
-    table = _quantize(st, name, lm, bits, p, nn.Conv2d, w * q)
+    table = _quantize(st, name, lm, "lut_ffn", p, nn.Conv2d, w * q)
     fn_paths = {}
     for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
         path = work / f"{name}.{fn}.mlpackage"
@@ -431,9 +432,9 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
     window = sliding_window(p.source.config, o.context_length)
     if window is not None:  # every layer's window, applied by the engine's causal mask
         params["sliding_window"] = window
-    for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
-        if bits:
-            params[f"lut_{part}_per_channel"] = o.lut_group_size
+    for part, option in (("embeddings", "lut_embeddings"), ("ffn", "lut_ffn"), ("lmhead", "lut_lm_head")):
+        if getattr(o, option):  # output channels per table, 0 for one per tensor, as ANEMLL writes it
+            params[f"lut_{part}_per_channel"] = o.group_size(option)
     layout.write_meta(work, f"anemll-{p.source.path.name}-ctx{o.context_length}", __version__, p.architecture,
                       params)
     for f in p.source.tokenizer_files():
