@@ -25,14 +25,18 @@ def _add_convert(sub) -> None:
     c.add_argument("--batch-size", type=int, help="prefill batch (default 64; must divide context length)")
     c.add_argument("--chunks", help="FFN chunks: a number, or auto (default) to stay under --max-chunk-mb")
     c.add_argument("--max-chunk-mb", type=int, help="largest chunk file for --chunks auto (default 950)")
-    c.add_argument("--lut-embeddings", help="none, 4, 6 or 8 (default none)")
-    c.add_argument("--lut-ffn", help="none, 4, 6 or 8 (default 4)")
-    c.add_argument("--lut-lm-head", help="none, 4, 6 or 8 (default 6)")
+    c.add_argument("--lut-embeddings", help="none, 4, 6 or 8 (default none); BITS,GROUP for a group size: 4,8 is "
+                                            "one table per 8 output channels, 4,0 one per tensor (default 16)")
+    c.add_argument("--lut-ffn", help="none, 4, 6 or 8, or BITS,GROUP (default 4)")
+    c.add_argument("--lut-lm-head", help="none, 4, 6 or 8, or BITS,GROUP (default 6)")
     c.add_argument("--prefix", help="file name prefix (default from the architecture: llama, qwen)")
     c.add_argument("--architecture", help="override detection: llama, qwen2, qwen3")
     c.add_argument("--argmax-in-model", action="store_true", default=None,
                    help="give the LM head an argmax function beside its logits: greedy decoding reads one token "
                         "id instead of the whole vocabulary")
+    c.add_argument("--monolithic", action="store_true", default=None,
+                   help="one package with the embeddings, every layer and the LM head (one prediction per token); "
+                        "refused when it would exceed --max-chunk-mb")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

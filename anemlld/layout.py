@@ -55,6 +55,10 @@ def ffn_base(prefix: str, bits: int | None) -> str:
     return f"{prefix}_FFN_PF{_lut_suffix(bits)}"
 
 
+def monolithic_name(prefix: str, bits: int | None) -> str:
+    return f"{prefix}_monolithic_full{_lut_suffix(bits)}"
+
+
 def chunk_name(prefix: str, bits: int | None, index: int, count: int) -> str:
     """``index`` counts from 0; file names count from 01."""
     return f"{ffn_base(prefix, bits)}_chunk_{index + 1:02d}of{count:02d}"
@@ -78,7 +82,12 @@ class Layout:
 
     @property
     def num_chunks(self) -> int:
-        return int(self.params["num_chunks"])
+        return 1 if self.monolithic else int(self.params["num_chunks"])
+
+    @property
+    def monolithic(self) -> bool:
+        """One package with embeddings, every layer and the head (ANEMLL 0.3.5's ``model_type: monolithic``)."""
+        return self.params.get("model_type") == "monolithic"
 
     @property
     def split_lm_head(self) -> int:
@@ -89,6 +98,11 @@ class Layout:
         """The LM head returns each split's argmax instead of logits (ANEMLL's
         ``--argmax``): greedy decoding only."""
         return _true(self.params.get("argmax_in_model"))
+
+    @property
+    def update_mask_prefill(self) -> bool:
+        """Prefill functions take ``update_mask`` (ANEMLL's before its dynamic-slice prefill)."""
+        return _true(self.params.get("update_mask_prefill"))
 
     @property
     def head_argmax_function(self) -> bool:
@@ -126,9 +140,15 @@ class Layout:
                        "the converted model is incomplete: convert it again", stage="load")
 
     def part(self, kind: str, prefer: str = ".mlmodelc") -> Path:
-        """``embeddings`` or ``lm_head``: the file, preferring ``prefer``."""
+        """``embeddings``, ``lm_head`` or ``monolithic_model``: the file, preferring ``prefer``."""
         p = self._resolve(str(self.params[kind]))
         return _prefer(p, prefer)
+
+    def parts(self, prefer: str = ".mlmodelc") -> list[Path]:
+        """Every part file, in the order a token runs through them."""
+        if self.monolithic:
+            return [self.part("monolithic_model", prefer)]
+        return [self.part("embeddings", prefer), *self.chunks(prefer), self.part("lm_head", prefer)]
 
     def chunks(self, prefer: str = ".mlmodelc") -> list[Path]:
         ffn = str(self.params["ffn"])
@@ -170,15 +190,13 @@ def read_meta(root: str | Path) -> Layout:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
     kind = str(params.get("model_type", "chunked"))
-    if kind == "monolithic":
-        raise BadInput(f"{path} describes a monolithic model ({params.get('monolithic_model', 'one package')}), "
-                       "which this anemlld cannot serve yet",
-                       "convert the Hugging Face model with anemlld (or ANEMLL without --monolithic) for the "
-                       "chunked layout", stage="load")
-    if kind != "chunked":
-        raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked)",
+    if kind not in ("chunked", "monolithic"):
+        raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")
-    missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
+    params["model_type"] = kind
+    needed = ("context_length", "monolithic_model") if kind == "monolithic" else (
+        "context_length", "num_chunks", "embeddings", "lm_head", "ffn")
+    missing = [k for k in needed if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
     for key in ("context_length", "num_chunks", "batch_size", "split_lm_head"):

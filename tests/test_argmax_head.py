@@ -89,6 +89,7 @@ def test_greedy_tokens_from_the_argmax_function_match_transformers_and_the_logit
     done = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=16))
     want, gaps = hf_greedy(tiny_models["llama"], PROMPT, 16)
     assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 8
+    assert done.stats.predictions_per_token == 4.0  # the chunked layout: embeddings, two chunks, head
     # token for token the same as the argmax of the default function's logits
     session, ex = engine.new_session(), engine.executor
     engine.feed(session, PROMPT[:-1])

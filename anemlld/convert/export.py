@@ -123,6 +123,23 @@ class HeadPart(nn.Module):
         return indices, values
 
 
+class MonolithicPart(nn.Module):
+    """One function of a monolithic model: token ids through the embeddings,
+    every layer and the head, ANEMLL's inputs and outputs (``input_ids``,
+    ``position_ids``, ``causal_mask``, ``current_pos`` -> ``logits1..K``; the
+    prefill function returns the last row's)."""
+
+    def __init__(self, lm: AneLM, prefill: bool):
+        super().__init__()
+        self.model = lm
+        self.prefill = prefill
+
+    def forward(self, input_ids, position_ids, causal_mask, current_pos):
+        h = self.model.embed(input_ids)
+        h = self.model.layers_forward(h, position_ids, causal_mask, current_pos, last_only=self.prefill)
+        return tuple(self.model.head(h))
+
+
 def _trace(module: nn.Module, example: tuple) -> torch.jit.ScriptModule:
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
@@ -138,32 +155,40 @@ class Lut:
     bits: int
     group_size: int
     op_type: str  # "conv" (projections) or "gather" (embeddings)
+    scope: str = ""  # only weights whose names start with it (one part of a monolithic model)
 
 
-def _convert(traced, inputs, outputs, states=None, lut: Lut | None = None):
-    """ct.convert to an fp16 ML program; with ``lut``, the weights (already
-    k-means quantized in torch) are stored as ``constexpr_lut_to_dense``."""
+# The weights of each part, by the names tracing gives them (a monolithic model holds all three).
+EMBEDDINGS_SCOPE, LAYERS_SCOPE, HEAD_SCOPE = "model.model.embed_tokens.", "model.model.layers.", "model.lm_head."
+
+
+def _convert(traced, inputs, outputs, states=None, lut: Lut | list[Lut] | None = None):
+    """ct.convert to an fp16 ML program; with ``lut`` (one per part the
+    model holds), the weights (already k-means quantized in torch) are
+    stored as ``constexpr_lut_to_dense``."""
     ct = _ct()
+    luts = [lut] if isinstance(lut, Lut) else list(lut or [])
     kw = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
               compute_precision=ct.precision.FLOAT16)
     if states:
         kw["states"] = states
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if lut is None:
+        if not luts:
             return ct.convert(traced, convert_to="mlprogram", skip_model_load=True, **kw)
         prog = ct.convert(traced, convert_to="milinternal", **kw)
-        encoded = encode_program(prog, lut.bits, lut.group_size, lut.op_type)
+        encoded = [encode_program(prog, t.bits, t.group_size, t.op_type, t.scope) for t in luts]
         # The program went through the whole pass pipeline already; running it
         # again would only re-hash every weight (const_deduplication) and
         # re-check it for fp16 overflow.
         model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                            pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
-    dense = dense_weights(model, lut.op_type)
-    if dense or not encoded:
-        raise AnemllError(f"LUT {lut.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
-                          "report this with the model's config.json; convert with that part's LUT set to none "
-                          "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
+    for t, count in zip(luts, encoded):
+        dense = dense_weights(model, t.op_type, t.scope)
+        if dense or not count:
+            raise AnemllError(f"LUT {t.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
+                              "report this with the model's config.json; convert with that part's LUT set to none "
+                              "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
     return model
 
 
@@ -226,8 +251,29 @@ def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool 
     return _convert(traced, inputs, outputs, lut=lut)
 
 
-def dense_weights(mlmodel, op_type: str) -> list[str]:
-    """Names of ``op_type`` ops whose weight is still a plain constant."""
+def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None):
+    """One function (``infer`` or ``prefill``) of a monolithic model."""
+    ct = _ct()
+    lm, dtype = _trace_dtype(lm)
+    seq = shapes.batch if prefill else 1
+    positions = torch.arange(seq, dtype=torch.int32)
+    example = (torch.zeros(1, seq, dtype=torch.int32), positions, causal_mask(positions, shapes.context, dtype),
+               torch.zeros(1, dtype=torch.int32))
+    traced = _trace(MonolithicPart(lm, prefill), example)
+    lm.reset_cache()
+    inputs = [
+        ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
+        ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
+        ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
+        ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
+    ]
+    outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
+    return _convert(traced, inputs, outputs, states, luts)
+
+
+def dense_weights(mlmodel, op_type: str, scope: str = "") -> list[str]:
+    """Names of ``op_type`` ops whose weight (named ``scope``...) is still a plain constant."""
     weight_input = {"conv": "weight", "gather": "x"}[op_type]
     dense = []
     for fn in mlmodel._mil_program.functions.values():
@@ -236,7 +282,8 @@ def dense_weights(mlmodel, op_type: str) -> list[str]:
                 continue
             w = op.inputs[weight_input]
             producer = w.op.op_type if w.op is not None else None
-            if producer == "const" and w.val is not None and w.val.size > 1 and w.val.dtype.kind == "f":
+            if (producer == "const" and w.val is not None and w.val.size > 1 and w.val.dtype.kind == "f"
+                    and w.op.name.startswith(scope)):
                 dense.append(op.name)
     return dense
 

@@ -9,6 +9,7 @@ same conversion again resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -136,7 +137,7 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     refuse_unimplemented(source.config, arch, options.context_length,
                          windows=getattr(module, "SLIDING_WINDOW", False))
     check_checkpoint(arch, args, source)
-    n = choose_chunks(args, options)
+    n = 1 if options.monolithic else choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
     split = DEFAULT_LM_HEAD_SPLIT[arch]
     h, v = args.hidden_size, args.vocab_size
@@ -147,6 +148,14 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
                       *source.fingerprint_parts()])
     p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, estimate)
     o = options
+    if o.monolithic:
+        if estimate > o.max_chunk_mb * MB:
+            raise BadInput(f"a monolithic model of {source.path.name} would be about {estimate / MB:.0f} MB, above "
+                           f"max_chunk_mb = {o.max_chunk_mb} (Core ML files past about 1 GB fail to load on iOS, "
+                           "2 GB on macOS)", "convert it chunked (leave out monolithic), use smaller LUTs, or "
+                           "raise max_chunk_mb", stage="inspect")
+        p.parts = [layout.monolithic_name(prefix, o.lut_ffn)]
+        return p
     p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
                + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
                + [layout.lm_head_name(prefix, o.lut_lm_head)])
@@ -247,10 +256,13 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
                            (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
     try:
-        _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
-        for i, layers in enumerate(p.chunk_ranges):
-            _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
-        _build_end(p, shapes, work, st, emb_w, quant(o.lut_lm_head), head=True)
+        if o.monolithic:
+            _build_monolithic(p, shapes, work, st, quant)
+        else:
+            _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
+            for i, layers in enumerate(p.chunk_ranges):
+                _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
+            _build_end(p, shapes, work, st, emb_w, quant(o.lut_lm_head), head=True)
     finally:
         p.source.close()
 
@@ -395,6 +407,42 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[[int | None], float]) -> None:
+    """Embeddings, every layer and the head in one package, functions
+    ``infer`` and ``prefill``; each part keeps its own LUT."""
+    name = p.parts[0]
+    target = work / f"{name}.mlpackage"
+    o, args = p.options, p.args
+    emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
+    if target.exists():
+        st.done += 2 * (emb_w + layers_w) + emb_w * (2 + quant(o.lut_embeddings) + quant(o.lut_lm_head))
+        return
+    lm = _loaded(p, st, name, lm_head_split=p.lm_head_split)
+    tables = []
+    for part, kind, module, scope, w in (
+            ("lut_embeddings", nn.Embedding, lm.model, export.EMBEDDINGS_SCOPE, emb_w),
+            ("lut_ffn", nn.Conv2d, lm.model, export.LAYERS_SCOPE, layers_w),
+            ("lut_lm_head", nn.Conv2d, lm.lm_head, export.HEAD_SCOPE, emb_w)):
+        table = _quantize(st, f"{name} ({part.removeprefix('lut_')})", module, part, p, kind,
+                          w * quant(getattr(o, part)))
+        if table is not None:
+            tables.append(dataclasses.replace(table, scope=scope))
+    fn_paths = {}
+    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
+        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
+        model = st.run("export", f"{name} ({fn})", 2 * emb_w + layers_w, export.export_monolithic, lm, shapes,
+                       prefill, tables)
+        _save(model, fn_paths[fn])
+        del model
+        gc.collect()
+    del lm
+    meta = _metadata(p, o.lut_ffn, functions=f"{export.INFER},{export.PREFILL}")
+    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta,
+           f"monolithic: embeddings, {args.num_hidden_layers} decoder layers, LM head in {p.lm_head_split} parts")
+    for path in fn_paths.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, float]) -> None:
     o, args = p.options, p.args
     ext = ".mlmodelc" if compiled else ".mlpackage"
@@ -429,6 +477,10 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
     }
     if o.argmax_in_model:
         params["lm_head_functions"] = f"{export.LOGITS},{export.ARGMAX}"
+    if o.monolithic:  # one file instead of the three kinds of parts, as ANEMLL 0.3.5 writes it
+        for key in ("embeddings", "lm_head", "ffn", "num_chunks"):
+            del params[key]
+        params.update(model_type="monolithic", monolithic_model=p.parts[0] + ext, lut_bits=o.lut_ffn or "none")
     window = sliding_window(p.source.config, o.context_length)
     if window is not None:  # every layer's window, applied by the engine's causal mask
         params["sliding_window"] = window

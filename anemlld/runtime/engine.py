@@ -50,6 +50,8 @@ class Stats:
     done_reason: str = ""       # stop, length, cancelled
     truncated_tokens: int = 0   # dropped from the front of a prompt too long for the context
     context_shifts: int = 0     # times decoding filled the cache and re-prefilled the recent half
+    predictions: int = 0        # model calls (one per part; a monolithic model is one part)
+    predictions_per_token: float = 0.0  # of them, per token run while decoding
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -362,6 +364,7 @@ class Engine:
             session.tokens.clear()
         stats.cached_tokens = self._reuse(session, ids)
         greedy = self._head_argmax(params)
+        calls = self.executor.predictions
         t0 = time.perf_counter()
         todo = ids[stats.cached_tokens:]
         logits = self.feed(session, todo, cancel, greedy)
@@ -369,6 +372,7 @@ class Engine:
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
         sampler, detok, generated = Sampler(params), Detokenizer(self.tokenizer, params.stop), []
+        prefill_calls, decoded = self.executor.predictions, 0
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
@@ -389,8 +393,11 @@ class Engine:
             else:
                 if len(session.tokens) >= self.ctx:
                     stats.context_shifts += 1
-                    logits = self.feed(session, self._shift(session) + [token], cancel, greedy)
+                    recent = self._shift(session) + [token]
+                    decoded += len(recent)
+                    logits = self.feed(session, recent, cancel, greedy)
                 else:
+                    decoded += 1
                     logits = self.feed(session, [token], greedy=greedy)
                 if logits is None:
                     reason = "cancelled"
@@ -401,6 +408,8 @@ class Engine:
         stats.completion_tokens = len(generated)
         stats.tokens_per_s = len(generated) / (stats.decode_ms / 1000) if stats.decode_ms > 0 else 0.0
         stats.done_reason = reason
+        stats.predictions = self.executor.predictions - calls
+        stats.predictions_per_token = (self.executor.predictions - prefill_calls) / decoded if decoded else 0.0
         yield Done(detok.answer, generated, stats)
 
     def complete(self, *args, **kw) -> Done:

@@ -5,7 +5,10 @@
 executor. Both expose: make a state, embed token ids, run the FFN chunks
 (function ``infer`` or ``prefill``) over the shared state, and turn a hidden
 state into logits (the split LM head concatenated) or straight into the
-greedy token (the head's ``argmax`` function, or an argmax-only head).
+greedy token (the head's ``argmax`` function, or an argmax-only head). A
+monolithic model's one package stands for all of them: ``embed`` passes the
+token ids through, ``ffn`` runs the package and returns its outputs, which
+``logits`` and ``argmax`` read.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class Executor:
         self.layout = layout
         self.split = layout.split_lm_head
         self.load_ms = 0.0
+        self.predictions = 0  # model calls so far (the engine counts them per token)
         # Where each LM-head split starts in the vocabulary.
         self._offsets = np.cumsum([0] + layout.lm_head_chunk_sizes[:-1]) if (
             layout.argmax_only or layout.head_argmax_function) else None
@@ -73,6 +77,21 @@ class Executor:
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def _ffn_inputs(self, hidden, position_ids, causal_mask, current_pos, function) -> dict[str, Any]:
+        """The inputs of an FFN chunk, or of a monolithic model (token ids
+        instead of hidden states); ANEMLL's older prefill functions also take
+        ``update_mask`` (1, 1, context, batch): 1 where batch row i is written,
+        at position current_pos + i."""
+        inputs = {"input_ids" if self.layout.monolithic else "hidden_states": hidden,
+                  "position_ids": position_ids.astype(np.int32), "causal_mask": causal_mask.astype(np.float16),
+                  "current_pos": np.array([current_pos], dtype=np.int32)}
+        if function == PREFILL and self.layout.update_mask_prefill:
+            rows = len(position_ids)
+            mask = np.zeros((1, 1, self.layout.context_length, rows), dtype=np.float16)
+            mask[0, 0, current_pos + np.arange(rows), np.arange(rows)] = 1
+            inputs["update_mask"] = mask
+        return inputs
+
     def argmax(self, hidden: Any) -> int:
         """The greedy token, from as little of the head as it can return."""
         return int(np.argmax(self.logits(hidden)))
@@ -95,10 +114,6 @@ class Executor:
             self.argmax(hidden)
 
 
-def _ffn_inputs(hidden, position_ids, causal_mask, current_pos) -> dict[str, Any]:
-    return {"hidden_states": hidden, "position_ids": position_ids.astype(np.int32),
-            "causal_mask": causal_mask.astype(np.float16),
-            "current_pos": np.array([current_pos], dtype=np.int32)}
 
 
 class PortableExecutor(Executor):
@@ -124,8 +139,7 @@ class PortableExecutor(Executor):
         self.bind_thread()
 
         t = time.perf_counter()
-        paths = [layout.part("embeddings", ".mlpackage"), *layout.chunks(".mlpackage"),
-                 layout.part("lm_head", ".mlpackage")]
+        paths = layout.parts(".mlpackage")
         compiled = [p.name for p in paths if p.suffix != ".mlpackage"]
         if compiled:
             raise AnemllError(f"{layout.root.name} holds only compiled models ({compiled[0]}, ...)",
@@ -137,8 +151,12 @@ class PortableExecutor(Executor):
             if progress:
                 progress(path.name, i / len(paths))
             models.append(PortableModel(path, device))
-        self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
-        self._outputs = [f"logits{i + 1}" for i in range(len(self.head.output_names()))]
+        if layout.monolithic:  # the one model is every part
+            self.embeddings = self.head = None
+            self.chunks = models
+        else:
+            self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
+        self._outputs = [f"logits{i + 1}" for i in range(self.split)]
         self._argmax_fn = ARGMAX if self.layout.head_argmax_function else None  # None: the default
         if warmup:
             self.warm_up()
@@ -156,25 +174,38 @@ class PortableExecutor(Executor):
         return self.chunks[0].make_state()
 
     def embed(self, input_ids):
+        if self.embeddings is None:  # monolithic: the token ids go into the one model
+            return input_ids.astype(np.int32)
+        self.predictions += 1
         return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
     def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
-        inputs = _ffn_inputs(hidden, position_ids, causal_mask, current_pos)
+        inputs = self._ffn_inputs(hidden, position_ids, causal_mask, current_pos, function)
+        if self.layout.monolithic:
+            self.predictions += 1
+            return self.chunks[0].predict_tensors(inputs, state, function)  # the head's outputs
         for chunk in self.chunks:
             inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
+        self.predictions += len(self.chunks)
         return inputs["hidden_states"]
+
+    def _head(self, hidden, function: str | None = None) -> dict:
+        if isinstance(hidden, dict):  # a monolithic model's outputs
+            return hidden
+        self.predictions += 1
+        return self.head.predict_tensors({"hidden_states": hidden}, function=function)
 
     def logits(self, hidden):
         import torch
 
         self._logits_or_refuse()
-        out = self.head.predict_tensors({"hidden_states": hidden})
+        out = self._head(hidden)
         return torch.cat([out[k].reshape(-1) for k in self._outputs]).float().cpu().numpy()
 
     def argmax(self, hidden):
         if not self.has_argmax:
             return super().argmax(hidden)
-        out = self.head.predict_tensors({"hidden_states": hidden}, function=self._argmax_fn)
+        out = self._head(hidden, self._argmax_fn)
         return self._token(out["argmax_idx"].cpu().numpy(), out["argmax_val"].cpu().numpy())
 
 
@@ -197,17 +228,22 @@ class CoreMLExecutor(Executor):
 
         self._units = getattr(ct.ComputeUnit, compute_units)
         t = time.perf_counter()
-        paths = [layout.part("embeddings"), *layout.chunks(), layout.part("lm_head")]
+        paths = layout.parts()
         report = progress or (lambda part, fraction: None)
-        report(paths[0].name, 0.0)
-        self.embeddings = self._load(paths[0])
-        self.chunks = []
-        for i, p in enumerate(paths[1:-1], start=1):
-            report(p.name, i / len(paths))
-            self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
-        report(paths[-1].name, (len(paths) - 1) / len(paths))
-        self.head = self._load(paths[-1])
-        self.head_argmax = self._load(paths[-1], ARGMAX) if layout.head_argmax_function else self.head
+        if layout.monolithic:  # one model, both functions; no embeddings or head of its own
+            report(paths[0].name, 0.0)
+            self.embeddings = self.head = self.head_argmax = None
+            self.chunks = [{fn: self._load(paths[0], fn) for fn in (INFER, PREFILL)}]
+        else:
+            report(paths[0].name, 0.0)
+            self.embeddings = self._load(paths[0])
+            self.chunks = []
+            for i, p in enumerate(paths[1:-1], start=1):
+                report(p.name, i / len(paths))
+                self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
+            report(paths[-1].name, (len(paths) - 1) / len(paths))
+            self.head = self._load(paths[-1])
+            self.head_argmax = self._load(paths[-1], ARGMAX) if layout.head_argmax_function else self.head
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
@@ -226,25 +262,40 @@ class CoreMLExecutor(Executor):
         return self.chunks[0][INFER].make_state()
 
     def embed(self, input_ids):
+        if self.embeddings is None:  # monolithic: the token ids go into the one model
+            return input_ids.astype(np.int32)
+        self.predictions += 1
         return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
     def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
-        inputs = _ffn_inputs(np.asarray(hidden, dtype=np.float16), position_ids, causal_mask, current_pos)
+        if self.layout.monolithic:
+            self.predictions += 1
+            inputs = self._ffn_inputs(hidden, position_ids, causal_mask, current_pos, function)
+            return self.chunks[0][function].predict(inputs, state)  # the head's outputs
+        inputs = self._ffn_inputs(np.asarray(hidden, dtype=np.float16), position_ids, causal_mask, current_pos,
+                                  function)
         for chunk in self.chunks:
             out = chunk[function].predict(inputs, state)
             inputs["hidden_states"] = out["output_hidden_states"]
+        self.predictions += len(self.chunks)
         return inputs["hidden_states"]
+
+    def _head(self, hidden, model) -> dict:
+        if isinstance(hidden, dict):  # a monolithic model's outputs
+            return hidden
+        self.predictions += 1
+        return model.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
 
     def logits(self, hidden):
         self._logits_or_refuse()
-        out = self.head.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+        out = self._head(hidden, self.head)
         return np.concatenate([np.asarray(out[f"logits{i + 1}"]).reshape(-1) for i in range(self.split)]
                               ).astype(np.float32)
 
     def argmax(self, hidden):
         if not self.has_argmax:
             return super().argmax(hidden)
-        out = self.head_argmax.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+        out = self._head(hidden, self.head_argmax)
         return self._token(out["argmax_idx"], out["argmax_val"])
 
 
