@@ -75,3 +75,69 @@ def anemll_argmax_folder(ours: Path, src: Path, dest: Path) -> Path:
     edit_meta(dest, argmax_in_model=True, lm_head_functions=None)
     (dest / layout.MANIFEST_FILE).unlink(missing_ok=True)  # not ours any more
     return dest
+
+
+class UpdateMaskPrefill(torch.nn.Module):
+    """A chunk's prefill as ANEMLL's older converters declare it, taking
+    ``update_mask`` (1, 1, context, batch): 1 at [current_pos + i, i]. Ours
+    writes the cache with a dynamic slice, so this one checks the mask
+    instead: any wrong entry is added to every hidden value, and the model's
+    tokens part from transformers'."""
+
+    def __init__(self, lm, context: int):
+        super().__init__()
+        self.model = lm
+        self.context = context
+
+    def forward(self, hidden_states, position_ids, causal_mask, current_pos, update_mask):
+        out = self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos)
+        rows = current_pos + torch.arange(hidden_states.shape[1], dtype=torch.int32)
+        want = (torch.arange(self.context, dtype=torch.int32)[:, None] == rows[None, :]).to(update_mask.dtype)
+        return out + (update_mask[0, 0] - want).abs().sum()
+
+
+def with_update_mask_prefill(folder: Path, src: Path) -> Path:
+    """Rebuild each FFN chunk of ``folder`` (ours, no LUT) with a prefill that
+    takes ``update_mask``; meta.yaml says so as ANEMLL writes it."""
+    import coremltools as ct
+    import numpy as np
+
+    from anemlld.convert.models import ARCHITECTURES
+    from anemlld.convert.models.base import causal_mask
+    from anemlld.convert.pipeline import split_layers
+
+    lay = layout.read_meta(folder)
+    source = HFSource.open(src)
+    args = ARCHITECTURES[lay.architecture].model_args(source.config)
+    ctx, batch = lay.context_length, lay.batch_size
+    shapes = export.Shapes(args.hidden_size, ctx, batch, (2 * args.num_hidden_layers, args.num_key_value_heads,
+                                                          ctx, args.head_dim))
+    for chunk, layers in zip(lay.chunks(".mlpackage"), split_layers(args.num_hidden_layers, lay.num_chunks)):
+        with weights_loaded_later():
+            lm = build(lay.architecture, args, layers=layers, embeddings=False, lm_head=False, context_length=ctx)
+        lm.load_weights(source.get)
+        infer = chunk.with_name("infer.mlpackage")
+        export.export_chunk(lm, shapes, False).save(str(infer))
+        lm, dtype = export._trace_dtype(lm)
+        positions = torch.arange(batch, dtype=torch.int32)
+        example = (torch.zeros(1, batch, args.hidden_size, dtype=dtype), positions,
+                   causal_mask(positions, ctx, dtype), torch.zeros(1, dtype=torch.int32),
+                   torch.zeros(1, 1, ctx, batch, dtype=dtype))
+        traced = export._trace(UpdateMaskPrefill(lm, ctx), example)
+        inputs = [ct.TensorType(name="hidden_states", shape=(1, batch, args.hidden_size), dtype=np.float16),
+                  ct.TensorType(name="position_ids", shape=(batch,), dtype=np.int32),
+                  ct.TensorType(name="causal_mask", shape=(1, 1, batch, ctx), dtype=np.float16),
+                  ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
+                  ct.TensorType(name="update_mask", shape=(1, 1, ctx, batch), dtype=np.float16)]
+        states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16),
+                               name=export.STATE_NAME)]
+        prefill = chunk.with_name("prefill.mlpackage")
+        export._convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)],
+                        states).save(str(prefill))
+        shutil.rmtree(chunk)
+        export.combine({"infer": infer, "prefill": prefill}, chunk, {}, "update_mask prefill")
+        shutil.rmtree(infer)
+        shutil.rmtree(prefill)
+    source.close()
+    edit_meta(folder, update_mask_prefill=True, prefill_dynamic_slice=False)
+    return folder

@@ -14,7 +14,8 @@ from anemlld.runtime.engine import Engine
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import BadInput
 from shared.options import ConvertOptions
-from tests.anemll_folders import agree_until_a_near_tie, anemll_argmax_folder, hf_greedy
+from tests.anemll_folders import (agree_until_a_near_tie, anemll_argmax_folder, hf_greedy,
+                                  with_update_mask_prefill)
 
 PROMPT = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]  # 16 + 4
 
@@ -30,7 +31,9 @@ def ours(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def theirs(ours, tiny_models, tmp_path_factory) -> Path:
-    return anemll_argmax_folder(ours, tiny_models["llama"], tmp_path_factory.mktemp("anemll") / "tiny-argmax-only")
+    """As ANEMLL's --argmax writes it, with prefill functions that take update_mask."""
+    folder = anemll_argmax_folder(ours, tiny_models["llama"], tmp_path_factory.mktemp("anemll") / "tiny-argmax-only")
+    return with_update_mask_prefill(folder, tiny_models["llama"])
 
 
 def test_our_head_has_logits_by_default_and_an_argmax_function_over_one_copy_of_the_weights(ours):
@@ -101,12 +104,16 @@ def test_greedy_tokens_from_the_argmax_function_match_transformers_and_the_logit
     assert len(sampled.token_ids) == 4  # the logits function serves sampling
 
 
-def test_anemlls_argmax_only_head_decodes_greedily_and_refuses_sampling_naming_the_fix(theirs, tiny_models):
+def test_anemlls_argmax_only_head_and_update_mask_prefill_decode_as_transformers_and_sampling_is_refused(
+        theirs, tiny_models):
     import coremltools as ct
 
     head = next(theirs.glob("*_lm_head*.mlpackage"))
     spec = ct.utils.load_spec(str(head))
     assert [o.name for o in spec.description.output] == ["argmax_idx", "argmax_val"]
+    chunk = ct.utils.load_spec(str(next(theirs.glob("*_chunk_01of02.mlpackage"))))
+    prefill = next(f for f in chunk.description.functions if f.name == "prefill")
+    assert [i.name for i in prefill.input][-1] == "update_mask"
     engine = Engine(theirs, executor="portable")  # the warm-up reads no logits1
     done = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=16))
     want, gaps = hf_greedy(tiny_models["llama"], PROMPT, 16)
