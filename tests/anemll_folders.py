@@ -77,6 +77,16 @@ def anemll_argmax_folder(ours: Path, src: Path, dest: Path) -> Path:
     return dest
 
 
+def anemll_monolithic_folder(ours: Path, dest: Path) -> Path:
+    """Our monolithic folder as ANEMLL 0.3.5 writes one: its meta.yaml keys
+    only, the compiled file named, none of our manifest."""
+    shutil.copytree(ours, dest)
+    (dest / layout.MANIFEST_FILE).unlink()
+    edit_meta(dest, monolithic_model="llama_monolithic_full.mlmodelc", lut_group_size=None, vocab_size=None,
+              lm_head_chunk_sizes=None, lut_embeddings=None, lut_ffn=None, lut_lmhead=None)
+    return dest
+
+
 class UpdateMaskPrefill(torch.nn.Module):
     """A chunk's prefill as ANEMLL's older converters declare it, taking
     ``update_mask`` (1, 1, context, batch): 1 at [current_pos + i, i]. Ours

@@ -9,31 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anemlld.convert import export, pipeline
+from anemlld.convert import export
 from anemlld.runtime.engine import Engine
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import BadInput
-from shared.options import ConvertOptions
-from tests.anemll_folders import (agree_until_a_near_tie, anemll_argmax_folder, hf_greedy,
-                                  with_update_mask_prefill)
+from tests.anemll_folders import agree_until_a_near_tie, hf_greedy
 
 PROMPT = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]  # 16 + 4
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_models, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("argmax") / "tiny-argmax"
-    pipeline.convert(tiny_models["llama"], out, ConvertOptions.from_mapping(
-        {"context_length": 64, "batch_size": 16, "chunks": 2, "lut_embeddings": "none", "lut_ffn": "none",
-         "lut_lm_head": "none", "argmax_in_model": True}))
-    return out
+def ours(tiny_argmax) -> Path:
+    return tiny_argmax
 
 
 @pytest.fixture(scope="module")
-def theirs(ours, tiny_models, tmp_path_factory) -> Path:
-    """As ANEMLL's --argmax writes it, with prefill functions that take update_mask."""
-    folder = anemll_argmax_folder(ours, tiny_models["llama"], tmp_path_factory.mktemp("anemll") / "tiny-argmax-only")
-    return with_update_mask_prefill(folder, tiny_models["llama"])
+def theirs(tiny_anemll_argmax) -> Path:
+    return tiny_anemll_argmax
 
 
 def test_our_head_has_logits_by_default_and_an_argmax_function_over_one_copy_of_the_weights(ours):

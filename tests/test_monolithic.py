@@ -17,17 +17,15 @@ from anemlld.runtime.engine import Engine
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import BadInput
 from shared.options import ConvertOptions
-from tests.anemll_folders import agree_until_a_near_tie, edit_meta, hf_greedy
+from tests.anemll_folders import agree_until_a_near_tie, anemll_monolithic_folder, edit_meta, hf_greedy
 
 PROMPT = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]  # 16 + 4
 BASE = {"context_length": 64, "batch_size": 16, "lut_embeddings": "none", "lut_ffn": "none", "lut_lm_head": "none"}
 
 
 @pytest.fixture(scope="module")
-def mono(tiny_models, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mono") / "tiny-mono"
-    pipeline.convert(tiny_models["llama"], out, ConvertOptions.from_mapping({**BASE, "monolithic": True}))
-    return out
+def mono(tiny_monolithic) -> Path:
+    return tiny_monolithic
 
 
 def test_one_package_with_infer_and_prefill_and_anemlls_names(mono):
@@ -81,14 +79,7 @@ def test_options_that_do_not_go_with_monolithic_are_refused(options, needle):
 
 @pytest.fixture(scope="module")
 def theirs(mono, tmp_path_factory) -> Path:
-    """Our monolithic folder as ANEMLL 0.3.5 writes one: its meta.yaml keys
-    only, the compiled file named, none of our manifest."""
-    folder = tmp_path_factory.mktemp("anemll") / "anemll-mono"
-    shutil.copytree(mono, folder)
-    (folder / layout.MANIFEST_FILE).unlink()
-    edit_meta(folder, monolithic_model="llama_monolithic_full.mlmodelc", lut_group_size=None, vocab_size=None,
-              lm_head_chunk_sizes=None, lut_embeddings=None, lut_ffn=None, lut_lmhead=None)
-    return folder
+    return anemll_monolithic_folder(mono, tmp_path_factory.mktemp("anemll") / "anemll-mono")
 
 
 def test_anemlls_monolithic_folder_is_served_and_matches_transformers(theirs, tiny_models):
