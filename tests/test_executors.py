@@ -40,6 +40,14 @@ def test_ffn_arguments_have_the_names_dtypes_and_shapes_of_the_packages():
     assert args["current_pos"].tolist() == [3] and args["current_pos"].dtype == np.int32
 
 
+def test_prefill_of_folders_that_declare_it_gets_anemlls_update_mask():
+    args = executors._ffn_inputs(np.zeros((1, 4, 8), np.float16), np.arange(3, 7), np.zeros((1, 1, 4, 64)), 3,
+                                 update_mask_context=64)
+    mask = args["update_mask"]
+    assert mask.shape == (1, 1, 64, 4) and mask.dtype == np.float16 and mask.sum() == 4
+    assert [int(np.argmax(mask[0, 0, :, i])) for i in range(4)] == [3, 4, 5, 6]
+
+
 @pytest.fixture(scope="module")
 def tiny_converted(tiny_models, tmp_path_factory):
     from anemlld.convert import pipeline

@@ -78,19 +78,10 @@ class Executor:
         raise NotImplementedError
 
     def _ffn_inputs(self, hidden, position_ids, causal_mask, current_pos, function) -> dict[str, Any]:
-        """The inputs of an FFN chunk, or of a monolithic model (token ids
-        instead of hidden states); ANEMLL's older prefill functions also take
-        ``update_mask`` (1, 1, context, batch): 1 where batch row i is written,
-        at position current_pos + i."""
-        inputs = {"input_ids" if self.layout.monolithic else "hidden_states": hidden,
-                  "position_ids": position_ids.astype(np.int32), "causal_mask": causal_mask.astype(np.float16),
-                  "current_pos": np.array([current_pos], dtype=np.int32)}
-        if function == PREFILL and self.layout.update_mask_prefill:
-            rows = len(position_ids)
-            mask = np.zeros((1, 1, self.layout.context_length, rows), dtype=np.float16)
-            mask[0, 0, current_pos + np.arange(rows), np.arange(rows)] = 1
-            inputs["update_mask"] = mask
-        return inputs
+        lay = self.layout
+        return _ffn_inputs(hidden, position_ids, causal_mask, current_pos,
+                           "input_ids" if lay.monolithic else "hidden_states",
+                           lay.context_length if function == PREFILL and lay.update_mask_prefill else None)
 
     def argmax(self, hidden: Any) -> int:
         """The greedy token, from as little of the head as it can return."""
@@ -114,6 +105,21 @@ class Executor:
             self.argmax(hidden)
 
 
+
+
+def _ffn_inputs(hidden, position_ids, causal_mask, current_pos, first: str = "hidden_states",
+                update_mask_context: int | None = None) -> dict[str, Any]:
+    """The inputs of an FFN chunk, or of a monolithic model (``first`` is then
+    ``input_ids``). ANEMLL's older prefill functions also take ``update_mask``
+    (1, 1, context, batch): 1 where batch row i is written, at current_pos + i."""
+    inputs = {first: hidden, "position_ids": position_ids.astype(np.int32),
+              "causal_mask": causal_mask.astype(np.float16), "current_pos": np.array([current_pos], dtype=np.int32)}
+    if update_mask_context is not None:
+        rows = len(position_ids)
+        mask = np.zeros((1, 1, update_mask_context, rows), dtype=np.float16)
+        mask[0, 0, current_pos + np.arange(rows), np.arange(rows)] = 1
+        inputs["update_mask"] = mask
+    return inputs
 
 
 class PortableExecutor(Executor):
