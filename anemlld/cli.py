@@ -20,7 +20,8 @@ def _add_convert(sub) -> None:
                        description="Convert a Hugging Face model folder (config.json, safetensors, tokenizer) "
                                    "into Core ML parts laid out for the Apple Neural Engine runtimes.")
     c.add_argument("src", help="the Hugging Face model folder")
-    c.add_argument("--out", required=True, help="output folder (created; replaced only if anemlld made it)")
+    c.add_argument("--out", help="output folder (created; replaced only if anemlld made it); required unless "
+                                 "--estimate")
     c.add_argument("--context-length", type=int, help="tokens of context (default 512)")
     c.add_argument("--batch-size", type=int, help="prefill batch (default 64; must divide context length)")
     c.add_argument("--chunks", help="FFN chunks: a number, or auto (default) to stay under --max-chunk-mb")
@@ -38,15 +39,27 @@ def _add_convert(sub) -> None:
                    help="one package with the embeddings, every layer and the LM head (one prediction per token); "
                         "refused when it would exceed --max-chunk-mb")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.add_argument("--estimate", action="store_true",
+                   help="print the plan (parts, sizes, disk, peak memory, time on this machine) and exit "
+                        "without converting")
 
 
 def _convert(ns: argparse.Namespace) -> int:
-    from anemlld.convert.pipeline import Progress, convert
+    from anemlld.convert import estimate
+    from anemlld.convert.pipeline import Progress, convert, plan
     from shared.options import ConvertOptions
 
     keys = ConvertOptions.KEYS
     values = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
     options = ConvertOptions.from_mapping(values, where="the command line")
+    if ns.estimate:
+        p = plan(ns.src, options)
+        p.source.close()
+        print("\n".join(estimate.describe(p, estimate.estimate(p))))
+        return 0
+    if not ns.out:
+        raise AnemllError("anemlld convert needs --out", "give the output folder with --out DIR, or use --estimate "
+                          "to see the plan without converting", code="bad_request")
     last = [-1.0]
 
     def show(ev: Progress) -> None:
@@ -56,7 +69,8 @@ def _convert(ns: argparse.Namespace) -> int:
             last[0] = ev.fraction
             part = f" {ev.part}" if ev.part else ""
             msg = f": {ev.message}" if ev.message else ""
-            print(f"[{ev.fraction * 100:5.1f}%] {ev.stage}{part}{msg}", flush=True)
+            left = f" (about {estimate.format_seconds(ev.eta_seconds)} left)" if ev.eta_seconds else ""
+            print(f"[{ev.fraction * 100:5.1f}%] {ev.stage}{part}{msg}{left}", flush=True)
 
     result = convert(ns.src, ns.out, options, progress=show)
     if not result.compiled:

@@ -186,7 +186,7 @@ class Server:
         get = progress.get if isinstance(progress, Mapping) else lambda k, d=None: getattr(progress, k, d)
         fields = {"kind": "convert", "job": get("job", get("id")), "model": get("model", get("name")),
                   "stage": get("stage", ""), "part": get("part", ""), "fraction": float(get("fraction", 0.0) or 0.0),
-                  "message": get("message", "") or ""}
+                  "eta_seconds": get("eta_seconds"), "message": get("message", "") or ""}
         self._post(_Out(None, None, None, broadcast=("progress", wire_safe(fields))))
 
     # -- sockets -----------------------------------------------------------------

@@ -131,14 +131,16 @@ class Worker:
 
     def request(self, *, prompt: str | None = None, messages: list[dict] | None = None,
                 options: Mapping[str, Any] | None = None, session_id: str | None = None,
-                cancel: threading.Event | None = None) -> Iterator["Token | Done"]:
+                cancel: threading.Event | None = None, structure: Mapping[str, Any] | None = None
+                ) -> Iterator["Token | Done"]:
         """One request, run in the worker: its tokens, then Done. Raises the
         request's AnemllError, or WorkerDied if the process ends meanwhile."""
         from anemlld.runtime.engine import Done, Stats, Token  # plain dataclasses; numpy, no torch
 
         rid = next(self._ids)
         self._send({"op": "generate", "id": rid, "prompt": prompt, "messages": messages,
-                    "options": dict(options or {}), "session_id": session_id})
+                    "options": dict(options or {}), "session_id": session_id,
+                    "structure": dict(structure) if structure else None})
         cancelled = finished = False
         try:
             while not finished:
@@ -153,7 +155,8 @@ class Worker:
                     yield Token(message["text"], message["token_ids"])
                 elif kind == "done":
                     finished = True
-                    yield Done(message["text"], message["token_ids"], Stats(**message["stats"]))
+                    yield Done(message["text"], message["token_ids"], Stats(**message["stats"]),
+                               message.get("tool_calls"))
                 elif kind == "error":
                     finished = True
                     raise _error(message)
@@ -299,13 +302,13 @@ def _serve(channel: Channel, load: Mapping[str, Any]) -> None:
         try:
             for event in run_request(engine, cache, prompt=message["prompt"], messages=message["messages"],
                                      options=message["options"], session_id=message["session_id"],
-                                     cancel=cancels[rid]):
+                                     cancel=cancels[rid], structure=message.get("structure")):
                 if isinstance(event, Done):
                     if batch.ids or batch.text:
                         text, ids = batch.take()
                         channel.send({"ev": "tokens", "id": rid, "text": text, "token_ids": ids})
                     channel.send({"ev": "done", "id": rid, "text": event.text, "token_ids": event.token_ids,
-                                  "stats": event.stats.as_dict()})
+                                  "stats": event.stats.as_dict(), "tool_calls": event.tool_calls})
                 elif batch.add(event.text, event.token_ids):
                     text, ids = batch.take()
                     channel.send({"ev": "tokens", "id": rid, "text": text, "token_ids": ids})

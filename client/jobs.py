@@ -34,7 +34,8 @@ class JobBoard:
             key = event.get("job")
             job = self.jobs.setdefault(key, {"job": key, "name": event.get("model"), "created_at": now})
             job.update(state="running", stage=event.get("stage"), part=event.get("part"),
-                       fraction=event.get("fraction", job.get("fraction", 0.0)), updated_at=now)
+                       fraction=event.get("fraction", job.get("fraction", 0.0)),
+                       eta_seconds=event.get("eta_seconds"), updated_at=now)
             return job
         if event.event == "model" and isinstance(event.get("model"), Mapping):
             model = event["model"]
@@ -164,8 +165,9 @@ def wait_for_model(conn: Connection, name: str, err: TextIO,
         if status.enabled and state == "queued":
             status.show(f"{name} is queued for conversion  (Ctrl-C to stop waiting)")
         elif status.enabled:
+            left = render.time_left(job)
             status.show(f"converting {name}: {stage} {render.bar(fraction, 20, render.can_draw_unicode(err))} "
-                        f"{render.percent(fraction)}  (Ctrl-C to stop waiting)")
+                        f"{render.percent(fraction)}{', ' + left if left else ''}  (Ctrl-C to stop waiting)")
         elif (state, stage) != said and json_out is None:
             said = (state, stage)
             words = ("waiting for", f"{name}:", state, stage, render.percent(fraction).strip())

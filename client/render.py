@@ -85,6 +85,14 @@ def human_until(expires_at: Any, pinned: bool, now: float) -> str:
     return f"in {human_duration(left)}" if left > 0 else "now"
 
 
+def time_left(job: Mapping[str, Any]) -> str:
+    """"about 3m10s left" for a running conversion that reports it, else ""."""
+    eta = job.get("eta_seconds")
+    if job.get("state") != "running" or not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
+        return ""
+    return f"about {human_duration(eta)} left"
+
+
 def percent(fraction: Any) -> str:
     f = fraction if isinstance(fraction, (int, float)) else 0.0
     return f"{max(0.0, min(1.0, f)) * 100:3.0f}%"
@@ -166,7 +174,7 @@ def job_cells(job: Mapping[str, Any], style: Style, now: float, bars: bool, unic
     if state in ("done", "failed") and isinstance(created, (int, float)) and isinstance(updated, (int, float)):
         took = f"took {human_duration(updated - created)}"
     elif state == "running" and isinstance(created, (int, float)):
-        took = f"for {human_duration(now - created)}"
+        took = ", ".join(t for t in (f"for {human_duration(now - created)}", time_left(job)) if t)
     else:
         took = ""
     fraction = 1.0 if state == "done" else job.get("fraction", 0.0)

@@ -265,6 +265,21 @@ def test_question_on_stdin_is_answered_with_the_sampling_options_given(home):
     assert gen.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"})
 
 
+def test_format_sends_the_schema_file_and_a_bad_file_is_refused_before_sending(home, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "broken.json").write_text("{nope")
+    with daemon(home) as d:
+        out = chat(home, "pico", "--format", str(tmp_path / "schema.json"), "-p", "ok?")
+        broken = chat(home, "pico", "--format", str(tmp_path / "broken.json"), "-p", "ok?")
+        no_question = chat(home, "--list", "--format", "json")
+    assert out.returncode == 0
+    (gen,) = d.of(p.Generate)
+    assert gen.format == schema and gen.messages[-1]["content"] == "ok?"
+    assert broken.returncode == 2 and "broken.json is not JSON" in broken.stderr
+    assert no_question.returncode == 2 and "--format is for one answer" in no_question.stderr
+
+
 def test_stats_line_goes_to_stderr_so_the_answer_stays_clean(home):
     with daemon(home):
         out = chat(home, "pico", "-p", "hi", "--stats")

@@ -163,8 +163,9 @@ def test_dropped_model_is_converted_once_and_announced_ready(settings, dropped, 
     assert states == ["queued", "converting", "ready"]
 
     [job] = jobs.list()
-    assert set(job) == {"job", "name", "source", "state", "stage", "part", "fraction", "pid", "created_at",
-                        "updated_at", "error"}
+    assert set(job) == {"job", "name", "source", "state", "stage", "part", "fraction", "eta_seconds", "pid",
+                        "created_at", "updated_at", "error"}
+    assert job["eta_seconds"] is None  # only a running job has time left
     assert job["pid"] is None  # no conversion child: this one ran in-process, and it is over
     assert (job["job"], job["name"], job["state"], job["fraction"], job["error"]) == (first, "tiny", "done", 1.0, None)
     assert job["source"] == str(folder) and job["created_at"] <= job["updated_at"]

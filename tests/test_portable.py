@@ -80,7 +80,7 @@ def test_block_of_conv_norm_silu_matmul_softmax_matches_torch(block):
 
 
 def test_unknown_op_is_refused_at_load_naming_the_op(block, monkeypatch):
-    monkeypatch.delitem(portable._OPS, "softmax")
+    monkeypatch.delitem(portable.registry.BUILDERS, "softmax")
     with pytest.raises(AnemllError, match="'softmax'.*not implemented by the portable executor"):
         PortableModel(block[1], device="cpu")
 

@@ -22,7 +22,7 @@ from typing import Callable
 from anemlld import __version__, layout
 from torch import nn
 
-from anemlld.convert import export, lut
+from anemlld.convert import estimate, export, lut
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, sliding_window, split_sizes,
                                          weights_loaded_later)
@@ -42,6 +42,7 @@ class Progress:
     part: str        # the part being worked on ("" for whole-job stages)
     fraction: float  # of the whole conversion, 0..1
     message: str = ""
+    eta_seconds: float | None = None  # time left, from the rate measured so far (None once done)
 
 
 @dataclass
@@ -85,12 +86,8 @@ def split_layers(layers: int, chunks: int) -> list[range]:
     return out
 
 
-def _bytes_per_weight(bits: int | None) -> float:
-    return 2.0 if bits is None else bits / 8
-
-
 def chunk_bytes(args: ModelArgs, layers: int, bits: int | None) -> int:
-    return int(layers * args.layer_params * _bytes_per_weight(bits))
+    return int(layers * args.layer_params * estimate.bytes_per_weight(bits))
 
 
 def choose_chunks(args: ModelArgs, options: ConvertOptions) -> int:
@@ -141,16 +138,16 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     prefix = options.prefix or module.PREFIX
     split = DEFAULT_LM_HEAD_SPLIT[arch]
     h, v = args.hidden_size, args.vocab_size
-    estimate = int(h * v * _bytes_per_weight(options.lut_embeddings)
-                   + chunk_bytes(args, args.num_hidden_layers, options.lut_ffn)
-                   + h * v * _bytes_per_weight(options.lut_lm_head))
+    size = int(h * v * estimate.bytes_per_weight(options.lut_embeddings)
+               + chunk_bytes(args, args.num_hidden_layers, options.lut_ffn)
+               + h * v * estimate.bytes_per_weight(options.lut_lm_head))
     fp = fingerprint([__version__, arch, str(n), json.dumps(options.to_mapping(), sort_keys=True),
                       *source.fingerprint_parts()])
-    p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, estimate)
+    p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, size)
     o = options
     if o.monolithic:
-        if estimate > o.max_chunk_mb * MB:
-            raise BadInput(f"a monolithic model of {source.path.name} would be about {estimate / MB:.0f} MB, above "
+        if size > o.max_chunk_mb * MB:
+            raise BadInput(f"a monolithic model of {source.path.name} would be about {size / MB:.0f} MB, above "
                            f"max_chunk_mb = {o.max_chunk_mb} (Core ML files past about 1 GB fail to load on iOS, "
                            "2 GB on macOS)", "convert it chunked (leave out monolithic), use smaller LUTs, or "
                            "raise max_chunk_mb", stage="inspect")
@@ -159,6 +156,7 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
                + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
                + [layout.lm_head_name(prefix, o.lut_lm_head)])
+    estimate.check_part_sizes(p)
     return p
 
 
@@ -188,10 +186,7 @@ def check_output(out: Path) -> dict | None:
 
 
 def check_disk(p: Plan, out: Path) -> None:
-    # The output plus the working copies of the largest chunk: fp16 export,
-    # and the quantized infer and prefill packages before they are combined.
-    largest = max(len(r) for r in p.chunk_ranges)
-    need = p.estimated_bytes + 3 * chunk_bytes(p.args, largest, None)
+    need = estimate.disk_bytes(p)
     where = out.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -203,15 +198,18 @@ def check_disk(p: Plan, out: Path) -> None:
 
 
 class _Stages:
-    """Progress bookkeeping: each unit of work has a weight (its weights count)."""
+    """Progress bookkeeping: each unit of work has a weight (its weights
+    count, times the relative cost of what is done to them)."""
 
-    def __init__(self, progress: ProgressFn | None, total: float):
+    def __init__(self, progress: ProgressFn | None, total: float, prior_seconds: float):
         self.progress, self.total, self.done = progress, max(total, 1.0), 0.0
         self.seconds: dict[str, float] = {}
+        self.time_left = estimate.TimeLeft(self.total, prior_seconds)
 
     def report(self, stage: str, part: str, message: str = "") -> None:
         if self.progress:
-            self.progress(Progress(stage, part, min(self.done / self.total, 1.0), message))
+            self.progress(Progress(stage, part, min(self.done / self.total, 1.0), message,
+                                   round(self.time_left.left(self.done), 1)))
 
     def run(self, stage: str, part: str, weight: float, fn: Callable, *a):
         self.report(stage, part)
@@ -222,8 +220,10 @@ class _Stages:
             e.stage = e.stage or stage
             raise
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            took = time.perf_counter() - t
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + took
             self.done += weight
+            self.time_left.add(weight, took)
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | None = None,
@@ -247,10 +247,10 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     o, args = p.options, p.args
     emb_w = args.vocab_size * args.hidden_size
     layer_w = args.layer_params
-    quant = lambda bits: 0.5 if bits else 0.0  # k-means cost relative to export, per weight
+    quant = lambda bits: estimate.QUANTIZE_WEIGHT if bits else 0.0  # noqa: E731 (k-means cost per weight, export = 1)
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
              + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
-    st = _Stages(progress, total)
+    st = _Stages(progress, total, estimate.estimate(p).seconds)
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
@@ -415,7 +415,8 @@ def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[
     o, args = p.options, p.args
     emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
     if target.exists():
-        st.done += 2 * (emb_w + layers_w) + emb_w * (2 + quant(o.lut_embeddings) + quant(o.lut_lm_head))
+        st.done += 2 * (emb_w + layers_w) + emb_w * (quant(o.lut_embeddings) + quant(o.lut_lm_head)) \
+            + layers_w * quant(o.lut_ffn)
         return
     lm = _loaded(p, st, name, lm_head_split=p.lm_head_split)
     tables = []
@@ -430,7 +431,7 @@ def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[
     fn_paths = {}
     for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
         fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
-        model = st.run("export", f"{name} ({fn})", 2 * emb_w + layers_w, export.export_monolithic, lm, shapes,
+        model = st.run("export", f"{name} ({fn})", emb_w + layers_w, export.export_monolithic, lm, shapes,
                        prefill, tables)
         _save(model, fn_paths[fn])
         del model

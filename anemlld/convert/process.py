@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal stage
         stage = p.stage
         events.send({"progress": {"stage": p.stage, "part": p.part, "fraction": float(p.fraction),
-                                  "message": p.message}})
+                                  "message": p.message, "eta_seconds": p.eta_seconds}})
         die(p.stage, p.part)  # after the frame: a death in a stage, as the daemon sees a real one
 
     try:

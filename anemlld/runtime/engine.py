@@ -68,6 +68,7 @@ class Done:
     text: str
     token_ids: list[int]
     stats: Stats
+    tool_calls: list[dict[str, Any]] | None = None  # read from the answer (anemlld.runtime.tools)
 
 
 class Detokenizer:
@@ -260,7 +261,8 @@ class Engine:
         return Session(self.executor.make_state())
 
     # --- prompts ----------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
         if (prompt is None) == (messages is None):
             raise BadInput("give either a prompt or messages", "send one of the two", code="bad_request")
         if prompt is not None:
@@ -269,7 +271,8 @@ class Engine:
             raise BadInput("this model has no chat template", "send a plain prompt instead of messages",
                            code="bad_request")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as e:  # jinja errors for malformed messages
             raise BadInput(f"the chat template rejected the messages ({e})",
                            "send messages as a list of {role, content} with roles system/user/assistant",
@@ -334,24 +337,28 @@ class Engine:
         return recent
 
     # --- generation ---------------------------------------------------------
-    def _head_argmax(self, params: SamplingParams) -> bool:
+    def _head_argmax(self, params: SamplingParams, guide: Any = None) -> bool:
         """Whether this request's tokens come from the head's argmax (greedy
-        with nothing that reshapes the logits) instead of its logits."""
+        with nothing that reshapes the logits: no penalty, no grammar)
+        instead of its logits."""
         plain = (params.temperature == 0 and params.repetition_penalty == 1.0 and not params.presence_penalty
-                 and not params.frequency_penalty)
+                 and not params.frequency_penalty and guide is None)
         if self.layout.argmax_only and not plain:
             raise BadInput(f"{self.name} was converted with ANEMLL's --argmax: its LM head returns only the most "
-                           "likely token, so it decodes greedily only, without penalties",
-                           "send temperature 0 and no repetition/presence/frequency penalty, or re-convert the "
-                           "model without --argmax (anemlld convert keeps the logits and adds the argmax with "
-                           "--argmax-in-model)", code="bad_request")
+                           "likely token, so it decodes greedily only, without penalties or a format",
+                           "send temperature 0, no repetition/presence/frequency penalty and no format or tools, "
+                           "or re-convert the model without --argmax (anemlld convert keeps the logits and adds "
+                           "the argmax with --argmax-in-model)", code="bad_request")
         return plain and self.executor.has_argmax
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
-                 cancel: threading.Event | None = None, *, ids: list[int] | None = None) -> Iterator[Token | Done]:
+                 cancel: threading.Event | None = None, *, ids: list[int] | None = None,
+                 guide: Any = None) -> Iterator[Token | Done]:
         """Stream ``Token`` events, then one ``Done`` with the statistics.
         ``ids`` is the prompt already encoded (instead of prompt/messages).
+        ``guide`` (anemlld.runtime.grammar.Guide) masks the logits before each
+        token is sampled, hears each token, and ends the answer when complete.
         Afterwards ``session`` holds the prompt and the answer, but for the
         last token sampled, which was never run."""
         params = params or SamplingParams()
@@ -363,7 +370,7 @@ class Engine:
         if stats.truncated_tokens:
             session.tokens.clear()
         stats.cached_tokens = self._reuse(session, ids)
-        greedy = self._head_argmax(params)
+        greedy = self._head_argmax(params, guide)
         calls = self.executor.predictions
         t0 = time.perf_counter()
         todo = ids[stats.cached_tokens:]
@@ -376,15 +383,19 @@ class Engine:
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
+            if guide is not None:
+                logits = guide.mask(logits)
             token = logits if greedy else sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break
             generated.append(token)
+            if guide is not None:
+                guide.accept(token)
             text = detok.add(token)
             if text or not detok.stopped:
                 yield Token(text, [token])
-            if detok.stopped:
+            if detok.stopped or (guide is not None and guide.finished):
                 reason = "stop"
             elif len(generated) >= params.max_tokens:
                 reason = "length"

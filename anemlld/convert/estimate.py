@@ -1,0 +1,185 @@
+"""What a conversion will cost before it starts: each part's size, the disk
+it needs, its peak memory and its time on this machine, from per-weight
+rates; and, while it runs, the time left from the rate measured so far.
+
+The rates were measured with bench/convert_1b.py on the development machine
+(Linux x86-64, 2 cores; the 222 s run in bench/README.md's history table):
+export 134 s for 2,472 M weight-exports (the embeddings, the LM head and
+every decoder layer twice, once per function), k-means 49 s for 1,236 M
+quantized weights, combine 31 s for 973 M chunk weights, load 4 s for
+1,499 M weights; less, in each stage, a fixed cost per unit of work
+measured on the trained pico model there (4 M weights, no other load: 3 s
+per exported function, 0.7 s per quantized part, 2.7 s per combined chunk),
+which is what a tiny model's conversion mostly is. Another machine scales
+them; ``ANEMLL_CONVERT_SPEED`` (a
+factor, 2 = twice as fast) corrects the estimate for one that is known to be
+faster or slower.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from anemlld.convert import memory
+from shared.errors import BadInput
+
+if TYPE_CHECKING:
+    from anemlld.convert.pipeline import Plan
+
+MB = 1024 * 1024
+FIXED_SECONDS = {"export": 3.0, "quantize": 0.7, "combine": 2.7, "load": 0.0}  # per function, part, chunk
+SECONDS_PER_MILLION = {"export": (134 - 4 * 3.0) / 2472, "quantize": (49 - 2 * 0.7) / 1236,
+                       "combine": (31 - 2.7) / 973, "load": 4 / 1499}
+SPEED_ENV = "ANEMLL_CONVERT_SPEED"
+# The progress bar's weights per unit of work, relative to exporting it once.
+QUANTIZE_WEIGHT = SECONDS_PER_MILLION["quantize"] / SECONDS_PER_MILLION["export"]
+
+
+def bytes_per_weight(bits: int | None) -> float:
+    return 2.0 if bits is None else bits / 8
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    weights: int
+    bits: int | None
+    functions: int  # exported once per function (chunks: infer and prefill)
+
+    @property
+    def bytes(self) -> int:
+        return int(self.weights * bytes_per_weight(self.bits))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: list[Part]
+    chunk_layers: list[range]
+    disk_bytes: int
+    peak_bytes: int
+    stage_seconds: dict[str, float]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+def parts(plan: "Plan") -> list[Part]:
+    """The parts a plan makes, in the order they are built."""
+    args, o = plan.args, plan.options
+    ends = args.vocab_size * args.hidden_size
+    if o.monolithic:  # one package, both functions; sized at the FFN's LUT (the bulk of it)
+        return [Part(plan.parts[0], 2 * ends + args.num_hidden_layers * args.layer_params, o.lut_ffn, 2)]
+    chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2)
+              for name, r in zip(plan.parts[1:-1], plan.chunk_ranges)]
+    return [Part(plan.parts[0], ends, o.lut_embeddings, 1), *chunks, Part(plan.parts[-1], ends, o.lut_lm_head, 1)]
+
+
+def check_part_sizes(plan: "Plan") -> None:
+    """No part larger than ``max_chunk_mb`` goes out unannounced (iOS maps
+    at most about 1 GB per file): the chunks are sized to it by ``chunks =
+    "auto"``; the embeddings and the LM head are one file each, so one over
+    it is refused here, before any work, with the LUT that brings it under."""
+    limit = plan.options.max_chunk_mb
+    if plan.options.monolithic:  # checked as a whole by the plan
+        return
+    for part, key in ((parts(plan)[0], "lut_embeddings"), (parts(plan)[-1], "lut_lm_head")):
+        size = part.bytes / MB
+        if size <= limit:
+            continue
+        fits = [b for b in (8, 6, 4) if part.weights * b / 8 / MB <= limit and (part.bits is None or b < part.bits)]
+        fix = (f"set {key} = {fits[0]} in the sidecar's [convert] table ({part.weights * fits[0] / 8 / MB:.0f} MB)"
+               if fits else f"no LUT brings it under {limit} MB")
+        raise BadInput(f"{part.name} would be {size:.0f} MB, above max_chunk_mb = {limit} (iOS maps at most "
+                       f"about 1 GB per file)", f"{fix}, or raise max_chunk_mb if the model only runs on macOS",
+                       stage="inspect")
+
+
+def disk_bytes(plan: "Plan") -> int:
+    """The output plus the working copies of the largest chunk: fp16 export,
+    and the quantized infer and prefill packages before they are combined."""
+    largest = max(len(r) for r in plan.chunk_ranges) * plan.args.layer_params
+    return plan.estimated_bytes + 3 * int(largest * bytes_per_weight(None))
+
+
+def speed() -> float:
+    raw = os.environ.get(SPEED_ENV, "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = math.nan
+    if not math.isfinite(factor) or factor <= 0:
+        raise BadInput(f"{SPEED_ENV} = {raw!r} is not a positive number",
+                       f"set {SPEED_ENV} to how many times faster than the reference machine this one converts "
+                       "(2 = twice as fast), or unset it", stage="inspect")
+    return factor
+
+
+def estimate(plan: "Plan") -> Estimate:
+    ps = parts(plan)
+    work = {  # stage: (units of fixed cost, weights)
+        "load": (0, sum(p.weights for p in ps)),
+        "quantize": (sum(1 for p in ps if p.bits), sum(p.weights for p in ps if p.bits)),
+        "export": (sum(p.functions for p in ps), sum(p.weights * p.functions for p in ps)),
+        "combine": (sum(1 for p in ps if p.functions > 1), sum(p.weights for p in ps if p.functions > 1)),
+    }
+    factor = speed()
+    seconds = {stage: (units * FIXED_SECONDS[stage] + weights / 1e6 * SECONDS_PER_MILLION[stage]) / factor
+               for stage, (units, weights) in work.items()}
+    return Estimate(ps, plan.chunk_ranges, disk_bytes(plan), memory.peak_estimate(plan), seconds)
+
+
+def describe(plan: "Plan", est: Estimate) -> list[str]:
+    """``anemlld convert --estimate``: lines for a person."""
+    args = plan.args
+    lines = [f"{plan.architecture}: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+             f"vocabulary {args.vocab_size}; context {plan.options.context_length}, "
+             f"batch {plan.options.batch_size}", "", "part                                           size"]
+    for part, layers in zip(est.parts, [None, *est.chunk_layers, None]):
+        what = f"  (layers {layers.start}-{layers.stop - 1})" if layers is not None else ""
+        lut = f"LUT {part.bits}" if part.bits else "fp16"
+        lines.append(f"{part.name:<44} {part.bytes / MB:7.0f} MB  {lut}{what}")
+    lines += ["", f"output       {est.output_bytes / MB:8.0f} MB",
+              f"disk needed  {est.disk_bytes / MB:8.0f} MB (the output and the largest chunk's working copies)",
+              f"peak memory  {memory.gb(est.peak_bytes)}",
+              f"time         {format_seconds(est.seconds)} on the reference machine"
+              + (f" / {speed():g}" if speed() != 1 else "") + ": "
+              + ", ".join(f"{k} {format_seconds(v)}" for k, v in est.stage_seconds.items())]
+    return lines
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min"
+
+
+class TimeLeft:
+    """Seconds left, from the rate of the work done so far in this run
+    (reused parts count as done but not as measured); before any work is
+    measured, from the plan's estimate."""
+
+    def __init__(self, total_weight: float, prior_seconds: float):
+        self.total, self.prior = total_weight, prior_seconds
+        self.measured_weight = self.measured_seconds = 0.0
+
+    def add(self, weight: float, seconds: float) -> None:
+        self.measured_weight += weight
+        self.measured_seconds += seconds
+
+    def left(self, done_weight: float) -> float:
+        remaining = max(0.0, self.total - done_weight)
+        if self.measured_weight <= 0:
+            return self.prior * remaining / self.total if self.total else 0.0
+        return self.measured_seconds / self.measured_weight * remaining
