@@ -87,6 +87,37 @@ def anemll_monolithic_folder(ours: Path, dest: Path) -> Path:
     return dest
 
 
+def anemll_monolithic_argmax_folder(ours: Path, src: Path, dest: Path) -> Path:
+    """``anemll_monolithic_folder`` of ``ours`` (no LUT), rebuilt as ANEMLL's
+    ``--monolithic --argmax`` writes it: both functions return ``argmax_idx``
+    and ``argmax_val`` instead of logits; meta.yaml ``argmax_in_model: true``."""
+    from anemlld.convert.models import ARCHITECTURES
+
+    anemll_monolithic_folder(ours, dest)
+    lay = layout.read_meta(dest)
+    source = HFSource.open(src)
+    args = ARCHITECTURES[lay.architecture].model_args(source.config)
+    with weights_loaded_later():
+        lm = build(lay.architecture, args, lm_head_split=lay.split_lm_head, context_length=lay.context_length)
+    lm.load_weights(source.get)
+    source.close()
+    shapes = export.Shapes(args.hidden_size, lay.context_length, lay.batch_size,
+                           (2 * args.num_hidden_layers, args.num_key_value_heads, lay.context_length, args.head_dim))
+    package = lay.part("monolithic_model", ".mlpackage")
+    functions = {}
+    for fn, prefill in (("infer", False), ("prefill", True)):
+        functions[fn] = dest / f"{fn}.mlpackage"
+        export.export_monolithic(lm, shapes, prefill, argmax=True).save(str(functions[fn]))
+    shutil.rmtree(package)
+    export.combine(functions, package, {}, "monolithic, argmax")
+    for path in functions.values():
+        shutil.rmtree(path)
+    ours_params = layout.read_meta(ours).params  # ANEMLL's argmax folders say how the vocabulary is split
+    edit_meta(dest, argmax_in_model=True, lm_head_chunk_sizes=ours_params["lm_head_chunk_sizes"],
+              vocab_size=ours_params["vocab_size"])
+    return dest
+
+
 class UpdateMaskPrefill(torch.nn.Module):
     """A chunk's prefill as ANEMLL's older converters declare it, taking
     ``update_mask`` (1, 1, context, batch): 1 at [current_pos + i, i]. Ours

@@ -17,7 +17,8 @@ from anemlld.runtime.engine import Engine
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import BadInput
 from shared.options import ConvertOptions
-from tests.anemll_folders import agree_until_a_near_tie, anemll_monolithic_folder, edit_meta, hf_greedy
+from tests.anemll_folders import (agree_until_a_near_tie, anemll_monolithic_argmax_folder, anemll_monolithic_folder,
+                                  edit_meta, hf_greedy)
 
 PROMPT = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]  # 16 + 4
 BASE = {"context_length": 64, "batch_size": 16, "lut_embeddings": "none", "lut_ffn": "none", "lut_lm_head": "none"}
@@ -89,6 +90,23 @@ def test_anemlls_monolithic_folder_is_served_and_matches_transformers(theirs, ti
     done = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=16))
     want, gaps = hf_greedy(tiny_models["llama"], PROMPT, 16)
     assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 8
+
+
+def test_anemlls_monolithic_argmax_folder_decodes_greedily_and_refuses_sampling(tiny_monolithic, tiny_models,
+                                                                                tmp_path):
+    import coremltools as ct
+
+    folder = anemll_monolithic_argmax_folder(tiny_monolithic, tiny_models["llama"], tmp_path / "mono-argmax")
+    spec = ct.utils.load_spec(str(folder / "llama_monolithic_full.mlpackage"))
+    assert {f.name: [o.name for o in f.output] for f in spec.description.functions} == {
+        "infer": ["argmax_idx", "argmax_val"], "prefill": ["argmax_idx", "argmax_val"]}
+    engine = Engine(folder, executor="portable")
+    done = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=16))
+    want, gaps = hf_greedy(tiny_models["llama"], PROMPT, 16)
+    assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 8
+    assert done.stats.predictions_per_token == 1.0
+    with pytest.raises(BadInput, match="--argmax"):
+        engine.complete(ids=PROMPT, params=SamplingParams(temperature=0.5))
 
 
 def test_a_monolithic_meta_yaml_without_its_model_is_refused_naming_the_key(theirs, tmp_path):

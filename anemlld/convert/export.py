@@ -116,11 +116,14 @@ class HeadPart(nn.Module):
 
     def forward(self, hidden_states):
         splits = self.model.head(hidden_states)
-        if not self.argmax:
-            return tuple(splits)
-        values = torch.cat([s.reshape(-1).max(dim=0, keepdim=True).values for s in splits])
-        indices = torch.cat([s.reshape(-1).argmax(dim=0, keepdim=True).to(torch.int32) for s in splits])
-        return indices, values
+        return argmax_pair(splits) if self.argmax else tuple(splits)
+
+
+def argmax_pair(splits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's winner: (index within the split int32, its logit), (K,) each."""
+    values = torch.cat([s.reshape(-1).max(dim=0, keepdim=True).values for s in splits])
+    indices = torch.cat([s.reshape(-1).argmax(dim=0, keepdim=True).to(torch.int32) for s in splits])
+    return indices, values
 
 
 class MonolithicPart(nn.Module):
@@ -129,15 +132,17 @@ class MonolithicPart(nn.Module):
     ``position_ids``, ``causal_mask``, ``current_pos`` -> ``logits1..K``; the
     prefill function returns the last row's)."""
 
-    def __init__(self, lm: AneLM, prefill: bool):
+    def __init__(self, lm: AneLM, prefill: bool, argmax: bool = False):
         super().__init__()
         self.model = lm
         self.prefill = prefill
+        self.argmax = argmax
 
     def forward(self, input_ids, position_ids, causal_mask, current_pos):
         h = self.model.embed(input_ids)
         h = self.model.layers_forward(h, position_ids, causal_mask, current_pos, last_only=self.prefill)
-        return tuple(self.model.head(h))
+        splits = self.model.head(h)
+        return argmax_pair(splits) if self.argmax else tuple(splits)
 
 
 def _trace(module: nn.Module, example: tuple) -> torch.jit.ScriptModule:
@@ -242,24 +247,27 @@ def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool 
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
     traced = _trace(HeadPart(lm, argmax), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
-    if argmax:
-        outputs = [ct.TensorType(name="argmax_idx", dtype=np.int32),
-                   ct.TensorType(name="argmax_val", dtype=np.float16)]
-    else:
-        outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
-    return _convert(traced, inputs, outputs, lut=lut)
+    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), lut=lut)
 
 
-def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None):
-    """One function (``infer`` or ``prefill``) of a monolithic model."""
+def _head_outputs(ct, splits: int, argmax: bool) -> list:
+    if argmax:
+        return [ct.TensorType(name="argmax_idx", dtype=np.int32), ct.TensorType(name="argmax_val", dtype=np.float16)]
+    return [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(splits)]
+
+
+def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None,
+                      argmax: bool = False):
+    """One function (``infer`` or ``prefill``) of a monolithic model; with
+    ``argmax`` it returns each split's winner, as ANEMLL's ``--argmax``."""
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
     seq = shapes.batch if prefill else 1
     positions = torch.arange(seq, dtype=torch.int32)
     example = (torch.zeros(1, seq, dtype=torch.int32), positions, causal_mask(positions, shapes.context, dtype),
                torch.zeros(1, dtype=torch.int32))
-    traced = _trace(MonolithicPart(lm, prefill), example)
+    traced = _trace(MonolithicPart(lm, prefill, argmax), example)
     lm.reset_cache()
     inputs = [
         ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
@@ -267,9 +275,8 @@ def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] 
         ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
         ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
     ]
-    outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
-    return _convert(traced, inputs, outputs, states, luts)
+    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), states, luts)
 
 
 def dense_weights(mlmodel, op_type: str, scope: str = "") -> list[str]:
