@@ -125,3 +125,27 @@ def test_compiled_models_load_through_compiled_mlmodel(tiny_converted, tmp_path,
     with pytest.raises(RuntimeError):
         ex._load(tmp_path / "llama_FFN_PF_lut4_chunk_01of02.mlmodelc", "prefill")
     assert seen == [(str(tmp_path / "llama_FFN_PF_lut4_chunk_01of02.mlmodelc"), "prefill")]
+
+
+@pytest.mark.parametrize("folder, functions", [
+    ("tiny_argmax", {"lm_head": [None, "argmax"]}),
+    ("tiny_monolithic", {"monolithic_full": ["infer", "prefill"]}),
+    ("tiny_anemll_argmax", {"lm_head": [None]}),
+])
+def test_coreml_executor_serves_the_anemll_layouts_as_portable_does(folder, functions, request, monkeypatch):
+    """The argmax head's second function, a monolithic model's one package,
+    ANEMLL's argmax-only head and update_mask prefill, through Core ML's
+    calls (stand-ins computing with the portable executor)."""
+    import coremltools as ct
+
+    path = request.getfixturevalue(folder)
+    monkeypatch.setattr(executors, "coreml_unavailable", lambda: None)
+    monkeypatch.setattr(ct.models, "MLModel", FakeCoreML("MLModel", ct.models.MLModel))
+    FakeCoreML.calls.clear()
+    coreml = Engine(path, executor="coreml")
+    for part, fns in functions.items():
+        assert [c[2] for c in FakeCoreML.calls if part in c[1]] == fns
+    portable = Engine(path, executor="portable")
+    ids = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
+    a, b = (e.complete(ids=ids, params=SamplingParams(max_tokens=8)) for e in (coreml, portable))
+    assert a.token_ids == b.token_ids and a.stats.predictions == b.stats.predictions
