@@ -19,16 +19,15 @@ TEXT = ("The shell reads a line of input, splits it into words, and looks up the
 
 def convert(src: Path, out: Path, ffn) -> Path:
     pipeline.convert(src, out, ConvertOptions.from_mapping(
-        {"context_length": 64, "batch_size": 16, "chunks": 1, "lut_embeddings": "none", "lut_ffn": ffn,
+        {"context_length": 64, "batch_size": 16, "chunks": 2, "lut_embeddings": "none", "lut_ffn": ffn,
          "lut_lm_head": "none"}))
     return out
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("verify")
-    src = tiny_models["llama"]
-    return {"none": convert(src, root / "plain", "none"), "4": convert(src, root / "lut4", 4)}
+def folders(tiny_models, tiny_argmax, tmp_path_factory) -> dict[str, Path]:
+    """No LUT (the session's argmax-head conversion: verify reads its logits) and LUT 4 FFN."""
+    return {"none": tiny_argmax, "4": convert(tiny_models["llama"], tmp_path_factory.mktemp("verify") / "lut4", 4)}
 
 
 def test_kl_divergence_is_torchs_kl_div_of_the_two_softmaxes():
@@ -57,3 +56,11 @@ def test_verify_json_carries_kl_divergence(folders, tiny_models, tmp_path, capsy
                  "--executor", "portable", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0 <= report["kl_divergence"] < 1e-3 and report["greedy_agreement"] > 0.9
+
+
+def test_verify_refuses_an_argmax_only_head_naming_what_to_verify_instead(tiny_anemll_argmax, tiny_models):
+    from shared.errors import BadInput
+
+    with pytest.raises(BadInput, match="returns only its argmax") as info:
+        verify(tiny_anemll_argmax, reference=tiny_models["llama"], text=TEXT, executor="portable")
+    assert "without --argmax" in info.value.hint
