@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from shared.errors import AnemllError
+from shared.options import ARCHITECTURES
 
 
 def _add_convert(sub) -> None:
@@ -30,8 +31,8 @@ def _add_convert(sub) -> None:
                                             "one table per 8 output channels, 4,0 one per tensor (default 16)")
     c.add_argument("--lut-ffn", help="none, 4, 6 or 8, or BITS,GROUP (default 4)")
     c.add_argument("--lut-lm-head", help="none, 4, 6 or 8, or BITS,GROUP (default 6)")
-    c.add_argument("--prefix", help="file name prefix (default from the architecture: llama, qwen)")
-    c.add_argument("--architecture", help="override detection: llama, qwen2, qwen3")
+    c.add_argument("--prefix", help="file name prefix (default from the architecture: gemma3, llama, mistral, phi3, qwen)")
+    c.add_argument("--architecture", help=f"override detection: {', '.join(ARCHITECTURES)}")
     c.add_argument("--argmax-in-model", action="store_true", default=None,
                    help="give the LM head an argmax function beside its logits: greedy decoding reads one token "
                         "id instead of the whole vocabulary")

@@ -11,10 +11,13 @@ it, with the engine's side of what residency calls (``request``, ``ctx``,
 
 The channel is a pair of pipes carrying msgpack maps back to back (msgpack
 delimits itself; never pickle). The daemon sends ``load`` once, then
-``generate`` and ``cancel``; the worker answers ``progress`` while loading,
-then ``loaded`` or ``load_failed``, and per request ``tokens`` (text and
-token ids, batched like the socket's token events: the first at once, then at
-most every ``stream_interval_seconds``), then ``done`` (the statistics) or
+``generate`` (with the request's ``structure``: format, tools, tool_choice;
+its grammar is compiled and applied here, never in the daemon) and
+``cancel``; the worker answers ``progress`` while loading, then ``loaded``
+or ``load_failed``, and per request ``tokens`` (text and token ids, batched
+like the socket's token events: the first at once, then at most every
+``stream_interval_seconds``), then ``done`` (the statistics and the
+answer's ``tool_calls``) or
 ``error`` (an AnemllError's fields). Pipes rather than a socket because their
 closing is the news in both directions: the daemon reads end-of-file the
 moment a worker dies, however it died, and a worker reads end-of-file the

@@ -61,7 +61,7 @@ def main() -> None:
     with torch.no_grad():
         for conv in lm.lm_head.splits:
             conv.weight.normal_(0, 0.02)
-    shapes = export.Shapes(hidden, 16, 1, (1, 1, 1, 1))
+    shapes = export.Shapes(hidden, 16, 1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         t = time.perf_counter()

@@ -219,6 +219,12 @@ def _chat(ns, conn, settings, out, err, json_out) -> int:
         system = [{"role": "system", "content": ns.system}] if ns.system else []
         fields = {"messages": system + [{"role": "user", "content": text}]}
     if ns.format is not None:
+        known = conn.hello.get("capabilities") if conn.hello is not None else None
+        if known is not None and "generate.format" not in known:
+            from shared.errors import AnemllError
+
+            raise AnemllError("this anemlld does not know --format (structured output)",
+                              "update anemlld and restart it", code="bad_request")
         fields["format"] = ns.format
     request = Generate(id=conn.next_id(), model=name, **fields, **options)
     answer = stream_answer(conn, request, out, err, json_out)

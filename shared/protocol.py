@@ -397,6 +397,9 @@ class Retry(Request):
 
 REQUESTS: dict[str, type[Request]] = {cls.op: cls for cls in (
     Hello, Models, Ps, Jobs, Watch, Generate, Cancel, Load, Unload, Pin, Convert, Retry)}
+# Optional request fields added after version 1 was written, as `hello` lists them
+# (a client sends one only to a daemon that lists it; docs/protocol.md, Versioning).
+FIELD_CAPABILITIES = ("generate.format", "generate.tools", "generate.tool_choice")
 
 
 def encode_request(request: Request) -> bytes:

@@ -68,7 +68,7 @@ def anemll_argmax_folder(ours: Path, src: Path, dest: Path) -> Path:
                    lm_head_split=lay.split_lm_head, context_length=lay.context_length)
     lm.load_weights(source.get)
     source.close()
-    shapes = export.Shapes(args.hidden_size, lay.context_length, lay.batch_size, (1, 1, 1, 1))
+    shapes = export.Shapes(args.hidden_size, lay.context_length, lay.batch_size)
     head = lay.part("lm_head", ".mlpackage")
     shutil.rmtree(head)
     export.export_head(lm, shapes, argmax=True).save(str(head))
@@ -101,8 +101,7 @@ def anemll_monolithic_argmax_folder(ours: Path, src: Path, dest: Path) -> Path:
         lm = build(lay.architecture, args, lm_head_split=lay.split_lm_head, context_length=lay.context_length)
     lm.load_weights(source.get)
     source.close()
-    shapes = export.Shapes(args.hidden_size, lay.context_length, lay.batch_size,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, lay.context_length, args.head_dim))
+    shapes = export.Shapes(args.hidden_size, lay.context_length, lay.batch_size)
     package = lay.part("monolithic_model", ".mlpackage")
     functions = {}
     for fn, prefill in (("infer", False), ("prefill", True)):
@@ -131,7 +130,7 @@ class UpdateMaskPrefill(torch.nn.Module):
         self.context = context
 
     def forward(self, hidden_states, position_ids, causal_mask, current_pos, update_mask):
-        out = self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos)
+        out = self.model.layers_forward(hidden_states, position_ids, causal_mask=causal_mask, current_pos=current_pos)
         rows = current_pos + torch.arange(hidden_states.shape[1], dtype=torch.int32)
         want = (torch.arange(self.context, dtype=torch.int32)[:, None] == rows[None, :]).to(update_mask.dtype)
         return out + (update_mask[0, 0] - want).abs().sum()
@@ -151,8 +150,7 @@ def with_update_mask_prefill(folder: Path, src: Path) -> Path:
     source = HFSource.open(src)
     args = ARCHITECTURES[lay.architecture].model_args(source.config)
     ctx, batch = lay.context_length, lay.batch_size
-    shapes = export.Shapes(args.hidden_size, ctx, batch, (2 * args.num_hidden_layers, args.num_key_value_heads,
-                                                          ctx, args.head_dim))
+    shapes = export.Shapes(args.hidden_size, ctx, batch)
     for chunk, layers in zip(lay.chunks(".mlpackage"), split_layers(args.num_hidden_layers, lay.num_chunks)):
         with weights_loaded_later():
             lm = build(lay.architecture, args, layers=layers, embeddings=False, lm_head=False, context_length=ctx)
@@ -170,8 +168,7 @@ def with_update_mask_prefill(folder: Path, src: Path) -> Path:
                   ct.TensorType(name="causal_mask", shape=(1, 1, batch, ctx), dtype=np.float16),
                   ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
                   ct.TensorType(name="update_mask", shape=(1, 1, ctx, batch), dtype=np.float16)]
-        states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16),
-                               name=export.STATE_NAME)]
+        states = export._states(lm)
         prefill = chunk.with_name("prefill.mlpackage")
         export._convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)],
                         states).save(str(prefill))

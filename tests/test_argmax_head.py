@@ -63,7 +63,7 @@ def test_a_lut_head_keeps_one_copy_of_its_tables_and_indices_across_both_functio
     torch.manual_seed(0)
     lm = build("llama", args, layers=range(0), embeddings=False, lm_head=True, lm_head_split=4, context_length=16)
     lut.quantize_module(lm, 4, 16, nn.Conv2d)
-    shapes = export.Shapes(256, 16, 4, (1, 1, 1, 1))
+    shapes = export.Shapes(256, 16, 4)
     table = export.Lut(4, 16, "conv")
     paths = {}
     for fn, argmax in (("logits", False), ("argmax", True)):
@@ -90,7 +90,7 @@ def test_greedy_tokens_from_the_argmax_function_match_transformers_and_the_logit
     engine.feed(session, PROMPT[:-1])
     hidden = ex.embed(np.asarray([[PROMPT[-1]]], dtype=np.int32))
     pos = len(PROMPT) - 1
-    hidden = ex.ffn(hidden, np.asarray([pos]), engine.mask[None, None, pos:pos + 1], pos, session.state, "infer")
+    hidden = ex.ffn(hidden, engine.steps.step(pos, 1, session.ring), session.state, "infer")
     assert ex.argmax(hidden) == int(np.argmax(ex.logits(hidden))) == done.token_ids[0]
     sampled = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=4, temperature=0.8, seed=1))
     assert len(sampled.token_ids) == 4  # the logits function serves sampling

@@ -79,6 +79,7 @@ class FakeDaemon:
     protocol: int = p.PROTOCOL_VERSION  # another number: answer everything unsupported_version
     mute: threading.Event = field(default_factory=threading.Event)  # set: hear nothing, say nothing (hung)
     http: str | None = None  # the HTTP base URL hello reports
+    capabilities: list[str] = field(default_factory=lambda: [*p.REQUESTS, *p.FIELD_CAPABILITIES])
 
     def __post_init__(self) -> None:
         self.requests: list[p.Request] = []
@@ -139,7 +140,7 @@ class FakeDaemon:
         send = lambda event, **f: self._send(sock, peer, req.id, event, **f)  # noqa: E731
         if isinstance(req, p.Hello):
             send("hello", server="anemlld", version="0.1.0", protocol=p.PROTOCOL_VERSION,
-                 capabilities=list(p.REQUESTS), max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES, http=self.http)
+                 capabilities=self.capabilities, max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES, http=self.http)
         elif isinstance(req, p.Models):
             send("models", models=self.models)
         elif isinstance(req, p.Ps):
@@ -273,6 +274,9 @@ def test_format_sends_the_schema_file_and_a_bad_file_is_refused_before_sending(h
         out = chat(home, "pico", "--format", str(tmp_path / "schema.json"), "-p", "ok?")
         broken = chat(home, "pico", "--format", str(tmp_path / "broken.json"), "-p", "ok?")
         no_question = chat(home, "--list", "--format", "json")
+    with daemon(home, capabilities=list(p.REQUESTS)) as old:  # an anemlld from before structured output
+        refused = chat(home, "pico", "--format", str(tmp_path / "schema.json"), "-p", "ok?")
+    assert refused.returncode == 2 and "does not know --format" in refused.stderr and not old.of(p.Generate)
     assert out.returncode == 0
     (gen,) = d.of(p.Generate)
     assert gen.format == schema and gen.messages[-1]["content"] == "ok?"

@@ -11,6 +11,7 @@ import json
 import shutil
 
 import jsonschema
+import numpy as np
 import pytest
 
 from anemlld.convert import pipeline
@@ -224,6 +225,13 @@ def test_ollama_tools_return_calls_with_object_arguments(api):
         jsonschema.validate(dict(call.function.arguments), params)
 
 
+def test_ollama_show_lists_tools_for_a_template_with_tool_support(api, folders):
+    for name in ("pico", "qwen3"):  # the registry's folders hold what /api/show reads
+        shutil.copy(folders[name] / "chat_template.jinja", api.registry.get(name).path)
+    assert api.ollama().show("qwen3").capabilities == ["completion", "tools"]
+    assert api.ollama().show("pico").capabilities == ["completion"]
+
+
 def test_the_tool_syntax_is_read_from_the_template_text():
     assert form_of(tool_templates.HERMES) == HERMES and form_of(tool_templates.LLAMA3) == LLAMA3
     assert form_of((DEMO_MODEL / "chat_template.jinja").read_text()) is None
@@ -248,6 +256,8 @@ REFUSED = [
     ({"model": "qwen3", "tools": TOOLS, "response_format": {"type": "json_object"}}, 400,
      "format together with tools"),
     ({"model": "qwen3", "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400, "function.name"),
+    ({"model": "qwen3", "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}]}, 400, "not"),
 ]
 
 
@@ -275,3 +285,87 @@ def test_the_protocol_carries_format_tools_and_tool_messages():
             protocol.Generate(id="3", model="m", messages=[{"role": "user", "content": "hi"}], **bad)
     with pytest.raises(AnemllError, match="belongs to a message with role 'assistant'"):
         protocol.Generate(id="4", model="m", messages=[{"role": "user", "content": "hi", "tool_calls": []}])
+
+
+# -- the guide and the tool stream, without a model -------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(DEMO_MODEL), local_files_only=True)
+    tok.chat_template = tool_templates.HERMES
+    return tok
+
+
+def drive(guide, tokenizer, prefer: str, budget: int) -> tuple[str, bool]:
+    """Run ``guide`` on logits that always favour the tokens of ``prefer``'s
+    characters (a model stuck on them); the text and whether it finished."""
+    favoured = {t for t in range(len(tokenizer)) if tokenizer.decode([t]) and set(tokenizer.decode([t])) <= set(prefer)}
+    base = np.full(len(tokenizer), -5.0, dtype=np.float32)
+    base[list(favoured)] = 5.0
+    out = []
+    for _ in range(budget):
+        token = int(np.argmax(guide.mask(base + np.linspace(0, 1, len(tokenizer), dtype=np.float32))))
+        out.append(token)
+        guide.accept(token)
+        if guide.finished:
+            return tokenizer.decode(out), True
+    return tokenizer.decode(out), False
+
+
+def test_a_model_stuck_on_digits_is_steered_to_close_the_json_within_its_budget(tokenizer):
+    from anemlld.runtime.grammar import Guide, json_grammar
+
+    schema = SCHEMAS[3]  # a number with bounds, whose digits never end by themselves
+    text, finished = drive(Guide(tokenizer, {4, 1}, json_grammar(schema), budget=40), tokenizer, "0123456789", 40)
+    assert finished and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 40
+    jsonschema.validate(json.loads(text), schema)
+    unsteered, finished = drive(Guide(tokenizer, {4, 1}, json_grammar(schema)), tokenizer, "0123456789", 40)
+    assert not finished  # without the budget the same model never stops writing digits
+
+
+def test_auto_constrains_a_call_once_the_answer_begins_one_and_leaves_text_alone(tokenizer):
+    from anemlld.runtime.tools import Begun
+
+    use = ToolUse(HERMES, TOOLS, "auto")
+    begun = Begun(tokenizer, {4, 1}, use, budget=80)
+    for t in tokenizer("<tool_call>\n{\"name\": \"add\"", add_special_tokens=False)["input_ids"]:
+        begun.accept(t)
+    assert begun.inner is not None
+    allowed = np.isfinite(begun.mask(np.zeros(len(tokenizer), dtype=np.float32)))
+    word = tokenizer("hello", add_special_tokens=False)["input_ids"][0]
+    comma = tokenizer(",", add_special_tokens=False)["input_ids"][0]
+    assert allowed[comma] and not allowed[word]  # in a call's JSON: no free words
+    text = Begun(tokenizer, {4, 1}, use, budget=80)
+    for t in tokenizer("Hello there", add_special_tokens=False)["input_ids"]:
+        text.accept(t)
+    assert text.free and text.inner is None and not text.finished
+
+
+def test_the_tool_stream_holds_the_call_back_and_done_carries_it():
+    from anemlld.runtime.engine import Done, Stats, Token
+
+    use = ToolUse(HERMES, TOOLS, "auto")
+    pieces = ["Let me check.", " <tool", "_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}",
+              "\n</tool_call>"]
+    events = [Token(p, [i]) for i, p in enumerate(pieces)] + [Done("".join(pieces), [0, 1, 2, 3],
+                                                                   Stats(done_reason="stop"))]
+    out = list(use.stream(iter(events)))
+    assert "".join(e.text for e in out[:-1]) == "Let me check. "
+    assert out[-1].tool_calls[0]["arguments"] == {"a": 1, "b": 2} and out[-1].stats.done_reason == "tool_calls"
+    cut = list(use.stream(iter(events[:2] + [Done("".join(pieces[:2]), [0, 1], Stats(done_reason="length"))])))
+    assert "".join(e.text for e in cut[:-1]) == "Let me check. <tool" and cut[-1].tool_calls is None
+
+
+def test_the_closing_tokens_found_from_token_names_are_exactly_those_found_from_bytes(tokenizer):
+    import llguidance.hf
+
+    from anemlld.runtime import grammar
+
+    view = llguidance.hf.from_tokenizer(tokenizer)
+    texts = [view.decode_bytes([i]) for i in range(view.vocab_size)]
+    exact = [[np.array([bool(rx.fullmatch(t)) for t in texts]) for rx in where] for where in grammar.CLOSING]
+    fast = grammar._closers(tokenizer, view)
+    assert all((f == e).all() for fs, es in zip(fast, exact) for f, e in zip(fs, es))
+    assert all(f.any() for fs in fast for f in fs)

@@ -23,7 +23,6 @@ from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "model.model.kv_cache_0"
 INFER, PREFILL = "infer", "prefill"
 LOGITS, ARGMAX = "logits", "argmax"  # the LM head's functions (with --argmax-in-model)
 
@@ -77,7 +76,6 @@ class Shapes:
     hidden: int
     context: int
     batch: int
-    kv: tuple[int, int, int, int]
 
 
 class EmbeddingsPart(nn.Module):
@@ -90,16 +88,19 @@ class EmbeddingsPart(nn.Module):
 
 
 class ChunkPart(nn.Module):
-    """One function of an FFN chunk. The wrapper's ``model.`` plus the body's
-    ``model.`` give the state its ANEMLL name, ``model.model.kv_cache_0``."""
+    """One function of an FFN chunk, taking ``hidden_states``,
+    ``position_ids`` and then the inputs named ``names``. The wrapper's
+    ``model.`` plus the body's ``model.`` give the states their ANEMLL names
+    (``model.model.kv_cache_0``)."""
 
-    def __init__(self, lm: AneLM, prefill: bool):
+    def __init__(self, lm: AneLM, prefill: bool, names: list[str]):
         super().__init__()
         self.model = lm
         self.prefill = prefill
+        self.names = names
 
-    def forward(self, hidden_states, position_ids, causal_mask, current_pos):
-        return self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos,
+    def forward(self, hidden_states, position_ids, *step):
+        return self.model.layers_forward(hidden_states, position_ids, **dict(zip(self.names, step)),
                                          last_only=self.prefill)
 
 
@@ -132,15 +133,16 @@ class MonolithicPart(nn.Module):
     ``position_ids``, ``causal_mask``, ``current_pos`` -> ``logits1..K``; the
     prefill function returns the last row's)."""
 
-    def __init__(self, lm: AneLM, prefill: bool, argmax: bool = False):
+    def __init__(self, lm: AneLM, prefill: bool, names: list[str], argmax: bool = False):
         super().__init__()
         self.model = lm
         self.prefill = prefill
+        self.names = names
         self.argmax = argmax
 
-    def forward(self, input_ids, position_ids, causal_mask, current_pos):
+    def forward(self, input_ids, position_ids, *step):
         h = self.model.embed(input_ids)
-        h = self.model.layers_forward(h, position_ids, causal_mask, current_pos, last_only=self.prefill)
+        h = self.model.layers_forward(h, position_ids, **dict(zip(self.names, step)), last_only=self.prefill)
         splits = self.model.head(h)
         return argmax_pair(splits) if self.argmax else tuple(splits)
 
@@ -210,8 +212,8 @@ def _trace_dtype(lm: AneLM) -> tuple[AneLM, torch.dtype]:
     biased = any(isinstance(m, nn.Conv2d) and m.bias is not None for m in lm.modules())
     dtype = torch.float32 if biased else torch.float16
     lm = lm.to(dtype)
-    if hasattr(lm.model, "kv_cache_0"):
-        lm.model.kv_cache_0 = lm.model.kv_cache_0.half()
+    for name, kv in lm.caches().items():
+        setattr(lm.model, name, kv.half())
     return lm, dtype
 
 
@@ -224,23 +226,36 @@ def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
     return _convert(traced, [ids], [ct.TensorType(name="hidden_states", dtype=np.float16)], lut=lut)
 
 
+def _step(lm: AneLM, seq: int, dtype) -> tuple[list, list, list[str]]:
+    """The example tensors and Core ML inputs of ``position_ids`` and the step
+    inputs after it (masks, write positions), and the step inputs' names."""
+    ct = _ct()
+    positions = torch.arange(seq, dtype=torch.int32)
+    example = [positions]
+    inputs = [ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32)]
+    step = lm.step_inputs(seq)
+    for name, shape in step.items():
+        mask = name.endswith("_mask")
+        example.append(causal_mask(positions, shape[-1], dtype) if mask else torch.zeros(shape, dtype=torch.int32))
+        inputs.append(ct.TensorType(name=name, shape=shape, dtype=np.float16 if mask else np.int32))
+    return example, inputs, list(step)
+
+
+def _states(lm: AneLM) -> list:
+    ct = _ct()
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(kv.shape), dtype=np.float16),
+                         name=f"model.model.{name}") for name, kv in lm.caches().items()]
+
+
 def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
     seq = shapes.batch if prefill else 1
-    positions = torch.arange(seq, dtype=torch.int32)
-    example = (torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions,
-               causal_mask(positions, shapes.context, dtype), torch.zeros(1, dtype=torch.int32))
-    traced = _trace(ChunkPart(lm, prefill), example)
+    example, inputs, names = _step(lm, seq, dtype)
+    traced = _trace(ChunkPart(lm, prefill, names), (torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example))
     lm.reset_cache()  # tracing ran the model once; the state must start empty
-    inputs = [
-        ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16),
-        ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
-        ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
-        ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
-    ]
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
-    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
+    inputs = [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs]
+    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], _states(lm), lut)
 
 
 def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):
@@ -264,19 +279,11 @@ def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] 
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
     seq = shapes.batch if prefill else 1
-    positions = torch.arange(seq, dtype=torch.int32)
-    example = (torch.zeros(1, seq, dtype=torch.int32), positions, causal_mask(positions, shapes.context, dtype),
-               torch.zeros(1, dtype=torch.int32))
-    traced = _trace(MonolithicPart(lm, prefill, argmax), example)
+    example, inputs, names = _step(lm, seq, dtype)
+    traced = _trace(MonolithicPart(lm, prefill, names, argmax), (torch.zeros(1, seq, dtype=torch.int32), *example))
     lm.reset_cache()
-    inputs = [
-        ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
-        ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
-        ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
-        ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
-    ]
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
-    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), states, luts)
+    inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32), *inputs]
+    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), _states(lm), luts)
 
 
 def dense_weights(mlmodel, op_type: str, scope: str = "") -> list[str]:

@@ -70,17 +70,19 @@ class Executor:
     def embed(self, input_ids: np.ndarray) -> Any:
         raise NotImplementedError
 
-    def ffn(self, hidden: Any, position_ids: np.ndarray, causal_mask: np.ndarray, current_pos: int,
-            state: Any, function: str) -> Any:
+    def ffn(self, hidden: Any, step: dict[str, np.ndarray], state: Any, function: str) -> Any:
+        """Run every chunk's ``function`` over ``hidden``; ``step`` holds the
+        other inputs the chunks declare (``position_ids``, ``causal_mask``,
+        ``current_pos``, and for sliding-window layers ``local_mask``,
+        ``ring_pos``), as the engine computes them."""
         raise NotImplementedError
 
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
 
-    def _ffn_inputs(self, hidden, position_ids, causal_mask, current_pos, function) -> dict[str, Any]:
+    def _ffn_inputs(self, hidden, step: dict[str, np.ndarray], function: str) -> dict[str, Any]:
         lay = self.layout
-        return _ffn_inputs(hidden, position_ids, causal_mask, current_pos,
-                           "input_ids" if lay.monolithic else "hidden_states",
+        return _ffn_inputs(hidden, step, "input_ids" if lay.monolithic else "hidden_states",
                            lay.context_length if function == PREFILL and lay.update_mask_prefill else None)
 
     def argmax(self, hidden: Any) -> int:
@@ -94,30 +96,32 @@ class Executor:
         """One throwaway step on a scratch state: first predictions after a
         load are slow (portable: lazy kernel setup, ~2.5 s measured on pico)
         and on the Neural Engine have been seen to fail."""
-        ctx = self.layout.context_length
-        mask = np.full((1, 1, 1, ctx), -np.inf, dtype=np.float16)
-        mask[..., 0] = 0
+        from anemlld.runtime.attention import Steps
+
+        steps = Steps.of(self.layout)
         h = self.embed(np.zeros((1, 1), dtype=np.int32))
-        hidden = self.ffn(h, np.zeros(1, dtype=np.int32), mask, 0, self.make_state(), INFER)
+        hidden = self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER)
         if not self.layout.argmax_only:
             self.logits(hidden)
         if self.has_argmax:
             self.argmax(hidden)
 
 
+MASKS = frozenset({"causal_mask", "local_mask"})
 
 
-def _ffn_inputs(hidden, position_ids, causal_mask, current_pos, first: str = "hidden_states",
+def _ffn_inputs(hidden, step: dict[str, np.ndarray], first: str = "hidden_states",
                 update_mask_context: int | None = None) -> dict[str, Any]:
     """The inputs of an FFN chunk, or of a monolithic model (``first`` is then
     ``input_ids``). ANEMLL's older prefill functions also take ``update_mask``
     (1, 1, context, batch): 1 where batch row i is written, at current_pos + i."""
-    inputs = {first: hidden, "position_ids": position_ids.astype(np.int32),
-              "causal_mask": causal_mask.astype(np.float16), "current_pos": np.array([current_pos], dtype=np.int32)}
+    inputs = {first: hidden}
+    for name, value in step.items():
+        inputs[name] = np.asarray(value, dtype=np.float16 if name in MASKS else np.int32)
     if update_mask_context is not None:
-        rows = len(position_ids)
+        rows, pos = len(inputs["position_ids"]), int(inputs["current_pos"][0])
         mask = np.zeros((1, 1, update_mask_context, rows), dtype=np.float16)
-        mask[0, 0, current_pos + np.arange(rows), np.arange(rows)] = 1
+        mask[0, 0, pos + np.arange(rows), np.arange(rows)] = 1
         inputs["update_mask"] = mask
     return inputs
 
@@ -185,8 +189,8 @@ class PortableExecutor(Executor):
         self.predictions += 1
         return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
-        inputs = self._ffn_inputs(hidden, position_ids, causal_mask, current_pos, function)
+    def ffn(self, hidden, step, state, function):
+        inputs = self._ffn_inputs(hidden, step, function)
         if self.layout.monolithic:
             self.predictions += 1
             return self.chunks[0].predict_tensors(inputs, state, function)  # the head's outputs
@@ -273,13 +277,11 @@ class CoreMLExecutor(Executor):
         self.predictions += 1
         return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
+    def ffn(self, hidden, step, state, function):
         if self.layout.monolithic:
             self.predictions += 1
-            inputs = self._ffn_inputs(hidden, position_ids, causal_mask, current_pos, function)
-            return self.chunks[0][function].predict(inputs, state)  # the head's outputs
-        inputs = self._ffn_inputs(np.asarray(hidden, dtype=np.float16), position_ids, causal_mask, current_pos,
-                                  function)
+            return self.chunks[0][function].predict(self._ffn_inputs(hidden, step, function), state)
+        inputs = self._ffn_inputs(np.asarray(hidden, dtype=np.float16), step, function)
         for chunk in self.chunks:
             out = chunk[function].predict(inputs, state)
             inputs["hidden_states"] = out["output_hidden_states"]

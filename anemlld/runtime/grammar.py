@@ -4,10 +4,11 @@ before each token is sampled and tells of each token accepted.
 
 Grammars come from a request's ``format`` (``"json"``: any JSON object; a
 dict: a JSON schema) or from a tool call's syntax (anemlld.runtime.tools
-builds those, with the tools' parameter schemas embedded). JSON is written
-without optional whitespace, so a model cannot spend its tokens on spaces.
-A schema keyword llguidance does not implement is refused with a
-``bad_request`` naming it; nothing is ignored.
+builds those, with the tools' parameter schemas embedded). A ``format``'s
+JSON is written without optional whitespace, so a model cannot spend its
+tokens on spaces; a tool call's may have one space between tokens, as
+templates write calls. A schema keyword llguidance does not implement is
+refused with a ``bad_request`` naming it; nothing is ignored.
 
 A guided answer ends when the grammar is complete (the engine stops at
 once). Its last quarter of ``max_tokens`` (at least 8 tokens) steers to
@@ -15,8 +16,8 @@ closing: among the tokens the grammar allows, only those that close the open
 string (``"``, then nothing but ``}``/``]``), else those that only close
 objects and arrays, else those that end a value with ``,`` (when a required
 key or item is still missing), whenever the grammar allows one; otherwise
-the grammar gets what it needs (a key's name, a value's first character). Every step there either
-closes something or writes what the schema requires, so an answer that can
+the grammar gets what it needs (a key's name, a value's first character).
+Every step there either closes something or writes what the schema requires, so an answer that can
 still be finished in its budget is; one that cannot ends at ``max_tokens``
 with ``length``, and nothing claims that text is complete (docs/http.md,
 "Structured output").
@@ -42,8 +43,12 @@ log = logging.getLogger(__name__)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object and Ollama's "json"
 JSON_OPTIONS = {"whitespace_flexible": False}
+# Tool calls: at most one space between JSON tokens, as chat templates write calls
+# (`{"name": "f", "arguments": {...}}`) and models trained on them repeat.
+CALL_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
 # Steering to closing, most closing first: inside a string, then outside.
 CLOSING = ((re.compile(rb"[\]}]+"), re.compile(rb",.*", re.S)), (re.compile(rb'[^"\\]*"[\]}]*'),))
+BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by "allowed" bit
 _views_lock = threading.Lock()
 
 
@@ -68,9 +73,9 @@ def json_grammar(fmt: Any) -> str:
                        code="bad_request") from None
 
 
-def embedded(schema: dict[str, Any]) -> str:
+def embedded(schema: dict[str, Any], options: dict[str, Any] = CALL_JSON_OPTIONS) -> str:
     """``schema`` as a Lark rule body, for grammars that embed JSON in other text."""
-    return "%json " + json.dumps({"x-guidance": JSON_OPTIONS, **schema})
+    return "%json " + json.dumps({"x-guidance": options, **schema})
 
 
 def lark_grammar(lark: str) -> str:
@@ -102,7 +107,8 @@ class Guide:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar forbids at -inf."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little", count=logits.shape[-1]).astype(bool)
+        ones = np.unpackbits(bits, bitorder="little", count=logits.shape[-1])
+        allowed = ones.view(bool)
         self._check()
         if self.left is not None and self.left <= self.steer_at:
             for closing in self.closers[int(self.in_string)]:
@@ -111,9 +117,14 @@ class Guide:
                     allowed[:] = False
                     allowed[:steered.shape[0]] = steered
                     break
-        out = np.array(logits, dtype=np.float32)
-        out[~allowed] = -np.inf
-        return out
+        # Both ways are branch-free per token: a few allowed tokens are copied,
+        # many get a 0 / -inf bias (measured on a 128K vocabulary: 4 and 3 times
+        # faster than a boolean-indexed assignment, bench/grammar.py).
+        if np.count_nonzero(ones) * 8 < ones.shape[0]:
+            out = np.full(ones.shape[0], -np.inf, dtype=np.float32)
+            np.copyto(out, logits, where=allowed)
+            return out
+        return np.add(logits, BIAS[ones], dtype=np.float32)
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(int(token))
@@ -153,8 +164,23 @@ def tokenizer_view(tokenizer: Any, eos: Iterable[int]) -> tuple[Any, tuple[tuple
                 raise BadInput(f"this model's tokenizer cannot be used for constrained decoding ({e})",
                                "structured output needs a fast (tokenizer.json) tokenizer",
                                code="bad_request") from None
-            texts = [view.decode_bytes([i]) for i in range(view.vocab_size)]
-            closers = tuple(tuple(np.fromiter((bool(rx.fullmatch(t)) for t in texts), dtype=bool, count=len(texts))
-                                  for rx in where) for where in CLOSING)
+            closers = _closers(tokenizer, view)
             made = tokenizer._anemll_llguidance = (view, closers)
         return made
+
+
+def _closers(tokenizer: Any, view: Any) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``CLOSING`` as masks over the vocabulary. Only tokens whose text shows a
+    closing character (or a byte token, ``<0x22>``) are decoded to bytes: a
+    Python call per token of a 128K vocabulary would take seconds."""
+    n = view.vocab_size
+    names = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+    maybe = [i for i, name in enumerate(names) if name is None or name.startswith("<0x")
+             or any(c in name for c in '"]},')]
+    masks = tuple(tuple(np.zeros(n, dtype=bool) for _ in where) for where in CLOSING)
+    for i in maybe:
+        text = view.decode_bytes([i])
+        for rxs, arrays in zip(CLOSING, masks):
+            for rx, array in zip(rxs, arrays):
+                array[i] = bool(rx.fullmatch(text))
+    return masks

@@ -20,13 +20,16 @@ map); ``tool_choice`` is ``auto``, ``none``, ``required`` or
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from anemlld.runtime import grammar
-from shared.errors import BadInput
+from shared.errors import AnemllError, BadInput
+
+log = logging.getLogger(__name__)
 
 HERMES, LLAMA3 = "hermes", "llama3"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -143,13 +146,14 @@ class ToolUse:
     def stream(self, events: Iterator[Any]) -> Iterator[Any]:
         """The engine's events with call text held back; the final Done carries
         the calls and ``done_reason`` ``tool_calls`` when there are any."""
-        text, sent = "", 0
+        text, sent, token = "", 0, None
         for event in events:
             if not hasattr(event, "stats"):
+                token = type(event)  # the engine's Token
                 text += event.text
                 end = max(sent, self.held(text))
                 if end > sent or event.token_ids:
-                    yield type(event)(text[sent:end], event.token_ids)
+                    yield token(text[sent:end], event.token_ids)
                     sent = end
                 continue
             _, calls = self.parse(event.text)
@@ -158,7 +162,7 @@ class ToolUse:
                 if event.stats.done_reason in ("stop", "length"):
                     event.stats.done_reason = "tool_calls"
             elif text[sent:]:
-                yield type(event)(text[sent:], [])
+                yield token(text[sent:], [])
             yield event
 
 
@@ -168,6 +172,8 @@ class Begun:
 
     def __init__(self, tokenizer: Any, eos: Iterable[int], use: ToolUse, budget: int):
         self.tokenizer, self.eos, self.use, self.budget = tokenizer, tuple(eos), use, budget
+        self.grammar = grammar.lark_grammar(use.lark(loose=True))
+        grammar.Guide(tokenizer, self.eos, self.grammar)  # a schema it cannot do is refused now, not mid-answer
         self.tokens: list[int] = []
         self.inner: grammar.Guide | None = None
         self.free = False
@@ -185,10 +191,15 @@ class Begun:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=False).lstrip()
         opening = self.use.opening
         if text.startswith(opening):
-            self.inner = grammar.Guide(self.tokenizer, self.eos, grammar.lark_grammar(self.use.lark(loose=True)),
-                                       self.budget)
-            for t in self.tokens:
-                self.inner.accept(t)
+            inner = grammar.Guide(self.tokenizer, self.eos, self.grammar, self.budget)
+            try:
+                for t in self.tokens:
+                    inner.accept(t)
+            except AnemllError:  # the opening token carried text no call allows: the answer is text
+                log.info("an answer began like a tool call and went on as text: not constrained")
+                self.free = True
+                return
+            self.inner = inner
         elif not opening.startswith(text):
             self.free = True
 
