@@ -27,11 +27,18 @@ def _add_convert(sub) -> None:
     c.add_argument("--batch-size", type=int, help="prefill batch (default 64; must divide context length)")
     c.add_argument("--chunks", help="FFN chunks: a number, or auto (default) to stay under --max-chunk-mb")
     c.add_argument("--max-chunk-mb", type=int, help="largest chunk file for --chunks auto (default 950)")
-    c.add_argument("--lut-embeddings", help="none, 4, 6 or 8 (default none)")
-    c.add_argument("--lut-ffn", help="none, 4, 6 or 8 (default 4)")
-    c.add_argument("--lut-lm-head", help="none, 4, 6 or 8 (default 6)")
+    c.add_argument("--lut-embeddings", help="none, 4, 6 or 8 (default none); BITS,GROUP for a group size: 4,8 is "
+                                            "one table per 8 output channels, 4,0 one per tensor (default 16)")
+    c.add_argument("--lut-ffn", help="none, 4, 6 or 8, or BITS,GROUP (default 4)")
+    c.add_argument("--lut-lm-head", help="none, 4, 6 or 8, or BITS,GROUP (default 6)")
     c.add_argument("--prefix", help="file name prefix (default from the architecture: gemma3, llama, mistral, phi3, qwen)")
     c.add_argument("--architecture", help=f"override detection: {', '.join(ARCHITECTURES)}")
+    c.add_argument("--argmax-in-model", action="store_true", default=None,
+                   help="give the LM head an argmax function beside its logits: greedy decoding reads one token "
+                        "id instead of the whole vocabulary")
+    c.add_argument("--monolithic", action="store_true", default=None,
+                   help="one package with the embeddings, every layer and the LM head (one prediction per token); "
+                        "refused when it would exceed --max-chunk-mb")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.add_argument("--estimate", action="store_true",
                    help="print the plan (parts, sizes, disk, peak memory, time on this machine) and exit "
@@ -126,7 +133,8 @@ def _run(ns: argparse.Namespace) -> int:
 def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="compare a converted model with its Hugging Face original",
                        description="Run the converted model over a text and report perplexity, logit "
-                                   "differences and next-token agreement against transformers.")
+                                   "differences, next-token agreement and KL divergence against "
+                                   "transformers.")
     v.add_argument("model", help="converted model folder")
     v.add_argument("--reference", help="the Hugging Face folder (default: the one recorded at conversion)")
     v.add_argument("--text", help="UTF-8 text to evaluate on (default: a built-in sample)")
@@ -157,6 +165,7 @@ def _verify(ns: argparse.Namespace) -> int:
               f"ratio {r.perplexity / r.reference_perplexity:.4f})")
         print(f"  max |logit diff|      {r.max_abs_logit_diff:.4f}  (mean {r.mean_abs_logit_diff:.4f})")
         print(f"  next-token agreement  {r.greedy_agreement * 100:.2f}%")
+        print(f"  KL divergence         {r.kl_divergence:.6f} nats per token (from the reference)")
     return 0
 
 

@@ -55,6 +55,10 @@ def ffn_base(prefix: str, bits: int | None) -> str:
     return f"{prefix}_FFN_PF{_lut_suffix(bits)}"
 
 
+def monolithic_name(prefix: str, bits: int | None) -> str:
+    return f"{prefix}_monolithic_full{_lut_suffix(bits)}"
+
+
 def chunk_name(prefix: str, bits: int | None, index: int, count: int) -> str:
     """``index`` counts from 0; file names count from 01."""
     return f"{ffn_base(prefix, bits)}_chunk_{index + 1:02d}of{count:02d}"
@@ -78,11 +82,45 @@ class Layout:
 
     @property
     def num_chunks(self) -> int:
-        return int(self.params["num_chunks"])
+        return 1 if self.monolithic else int(self.params["num_chunks"])
+
+    @property
+    def monolithic(self) -> bool:
+        """One package with embeddings, every layer and the head (ANEMLL 0.3.5's ``model_type: monolithic``)."""
+        return self.params.get("model_type") == "monolithic"
 
     @property
     def split_lm_head(self) -> int:
         return int(self.params.get("split_lm_head", 8))
+
+    @property
+    def argmax_only(self) -> bool:
+        """The LM head returns each split's argmax instead of logits (ANEMLL's
+        ``--argmax``): greedy decoding only."""
+        return _true(self.params.get("argmax_in_model"))
+
+    @property
+    def update_mask_prefill(self) -> bool:
+        """Prefill functions take ``update_mask`` (ANEMLL's before its dynamic-slice prefill)."""
+        return _true(self.params.get("update_mask_prefill"))
+
+    @property
+    def head_argmax_function(self) -> bool:
+        """The LM head has an ``argmax`` function beside its default ``logits``
+        (ours, with ``--argmax-in-model``)."""
+        return "argmax" in str(self.params.get("lm_head_functions", "")).split(",")
+
+    @property
+    def lm_head_chunk_sizes(self) -> list[int]:
+        """Vocabulary entries per LM-head split, in order: maps a split's own
+        argmax to a token id."""
+        sizes = self.params.get("lm_head_chunk_sizes")
+        if sizes is None:
+            vocab, parts = int(self.params["vocab_size"]), self.split_lm_head
+            return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
+        if isinstance(sizes, str):
+            sizes = [s for s in sizes.strip("[] ").split(",") if s.strip()]
+        return [int(s) for s in sizes]
 
     @property
     def sliding_window(self) -> int | None:
@@ -121,9 +159,15 @@ class Layout:
                        "the converted model is incomplete: convert it again", stage="load")
 
     def part(self, kind: str, prefer: str = ".mlmodelc") -> Path:
-        """``embeddings`` or ``lm_head``: the file, preferring ``prefer``."""
+        """``embeddings``, ``lm_head`` or ``monolithic_model``: the file, preferring ``prefer``."""
         p = self._resolve(str(self.params[kind]))
         return _prefer(p, prefer)
+
+    def parts(self, prefer: str = ".mlmodelc") -> list[Path]:
+        """Every part file, in the order a token runs through them."""
+        if self.monolithic:
+            return [self.part("monolithic_model", prefer)]
+        return [self.part("embeddings", prefer), *self.chunks(prefer), self.part("lm_head", prefer)]
 
     def chunks(self, prefer: str = ".mlmodelc") -> list[Path]:
         ffn = str(self.params["ffn"])
@@ -135,6 +179,10 @@ class Layout:
         ffn = re.sub(r"_chunk_\d+of\d+$", "", ffn)
         n = self.num_chunks
         return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
+
+
+def _true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def _prefer(p: Path, ext: str) -> Path:
@@ -161,19 +209,13 @@ def read_meta(root: str | Path) -> Layout:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
     kind = str(params.get("model_type", "chunked"))
-    if kind == "monolithic":
-        raise BadInput(f"{path} describes a monolithic model ({params.get('monolithic_model', 'one package')}), "
-                       "which this anemlld cannot serve yet",
-                       "convert the Hugging Face model with anemlld (or ANEMLL without --monolithic) for the "
-                       "chunked layout", stage="load")
-    if kind != "chunked":
-        raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked)",
+    if kind not in ("chunked", "monolithic"):
+        raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")
-    if params.get("argmax_in_model") in (True, "true", "True", 1):
-        raise BadInput(f"{path}: its LM head returns only the argmax (ANEMLL's --argmax), which this anemlld "
-                       "cannot serve yet", "re-convert without --argmax, or let anemlld convert the original "
-                       "model", stage="load")
-    missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
+    params["model_type"] = kind
+    needed = ("context_length", "monolithic_model") if kind == "monolithic" else (
+        "context_length", "num_chunks", "embeddings", "lm_head", "ffn")
+    missing = [k for k in needed if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
     for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window", "ring_size"):
@@ -194,4 +236,14 @@ def read_meta(root: str | Path) -> Layout:
                        "functions), which this anemlld cannot serve",
                        "let anemlld convert the original Hugging Face model (its ring caches need no rotate "
                        "functions)", stage="load")
+    sizes = params.get("lm_head_chunk_sizes")
+    try:
+        if sizes is None and _true(params.get("argmax_in_model")):
+            int(params["vocab_size"])
+        elif sizes is not None:
+            Layout(root, params, info).lm_head_chunk_sizes
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a list of whole numbers) or "
+                       f"vocab_size to map its answers to tokens; it has lm_head_chunk_sizes = {sizes!r}",
+                       "fix meta.yaml or convert the model again", stage="load") from None
     return Layout(root, params, info)

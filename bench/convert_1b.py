@@ -291,11 +291,11 @@ def _convert_logged(src: str, out: str, options_json: str, log) -> int:
 
     real_combine = export.combine
 
-    def combine_and_measure(infer_pkg, prefill_pkg, target, meta, description):
-        sizes = {"infer": _tree_bytes(Path(infer_pkg)), "prefill": _tree_bytes(Path(prefill_pkg)),
-                 "infer_weights": _weights_bytes(Path(infer_pkg)),
-                 "prefill_weights": _weights_bytes(Path(prefill_pkg))}
-        real_combine(infer_pkg, prefill_pkg, target, meta, description)
+    def combine_and_measure(functions, target, meta, description):
+        sizes = {}
+        for fn, pkg in functions.items():
+            sizes[fn], sizes[f"{fn}_weights"] = _tree_bytes(Path(pkg)), _weights_bytes(Path(pkg))
+        real_combine(functions, target, meta, description)
         sizes.update(combined=_tree_bytes(Path(target)), combined_weights=_weights_bytes(Path(target)))
         emit("combine_sizes", part=Path(target).stem, sizes=sizes)
 

@@ -2,12 +2,14 @@
 Hugging Face original, computed by running the converted packages.
 
 For each model it converts no-LUT, LUT 8, LUT 6 and LUT 4 variants (FFN bits;
-the head at 8, 8, 6 and 6; embeddings unquantized) and runs `anemlld verify`'s
+the head at 8, 8, 6 and 6; embeddings unquantized; one table per 16 output
+channels), then LUT 4 with other group sizes in ANEMLL's spelling ("4,8":
+groups of 8; "4,0": one table per tensor), and runs `anemlld verify`'s
 measurement on the evaluation text: the converted packages through the
 portable executor, the original through transformers in fp32, over the same
 tokens and windows of the context length.
 
-    .venv/bin/python bench/quality.py [--models DIR ...] [--text FILE] [--max-tokens N]
+    .venv/bin/python bench/quality.py [--models DIR ...] [--text FILE] [--max-tokens N] [--variants LABEL ...]
 
 Defaults: ../shared/models/pico-llama and pico-qwen3, ../shared/models/eval_dev.txt.
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
-VARIANTS = [("none", "none", "none"), ("LUT 8", 8, 8), ("LUT 6", 6, 6), ("LUT 4", 4, 6)]
+VARIANTS = [("none", "none", "none"), ("LUT 8", 8, 8), ("LUT 6", 6, 6), ("LUT 4", 4, 6),
+            ("LUT 4 g4", "4,4", 6), ("LUT 4 g8", "4,8", 6), ("LUT 4 g64", "4,64", 6), ("LUT 4 tensor", "4,0", 6)]
 
 
 def main() -> None:
@@ -31,6 +34,8 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=SHARED / "eval_dev.txt")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--context-length", type=int, default=512)
+    ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], metavar="LABEL",
+                    help="which rows to run, by label (default: all)")
     ns = ap.parse_args()
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass bars
@@ -47,7 +52,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in ns.models:
-            for label, ffn, head in VARIANTS:
+            for label, ffn, head in (v for v in VARIANTS if v[0] in ns.variants):
                 out = Path(tmp) / f"{model.name}-{label.replace(' ', '')}"
                 opts = ConvertOptions.from_mapping({"context_length": ns.context_length, "lut_ffn": ffn,
                                                     "lut_lm_head": head, "lut_embeddings": "none"})
@@ -56,17 +61,18 @@ def main() -> None:
                 conv_s = time.perf_counter() - t
                 r = verify(out, reference=model, text=text, max_tokens=ns.max_tokens, executor="portable")
                 rows.append((model.name, label, f"{ffn}/{head}", r, conv_s))
-                print(f"{model.name:12s} {label:6s} ppl {r.perplexity:8.3f} ref {r.reference_perplexity:8.3f} "
+                print(f"{model.name:12s} {label:12s} ppl {r.perplexity:8.3f} ref {r.reference_perplexity:8.3f} "
                       f"ratio {r.perplexity / r.reference_perplexity:.4f} agree {r.greedy_agreement * 100:6.2f}% "
-                      f"max|dlogit| {r.max_abs_logit_diff:.3f} (convert {conv_s:.0f} s, verify {r.seconds:.0f} s)",
+                      f"KL {r.kl_divergence:.5f} max|dlogit| {r.max_abs_logit_diff:.3f} (convert {conv_s:.0f} s, verify {r.seconds:.0f} s)",
                       flush=True)
     print()
-    print("| model | variant | FFN/head bits | perplexity | original (fp32) | ratio | next-token agreement | max abs logit diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | FFN/head bits | perplexity | original (fp32) | ratio | next-token agreement | "
+          "KL divergence | max abs logit diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, label, bits, r, _ in rows:
         print(f"| {name} | {label} | {bits} | {r.perplexity:.3f} | {r.reference_perplexity:.3f} | "
               f"{r.perplexity / r.reference_perplexity:.4f} | {r.greedy_agreement * 100:.2f}% | "
-              f"{r.max_abs_logit_diff:.3f} |")
+              f"{r.kl_divergence:.5f} | {r.max_abs_logit_diff:.3f} |")
 
 
 if __name__ == "__main__":

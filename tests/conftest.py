@@ -97,3 +97,42 @@ def tiny_copy(tiny_models, tmp_path):
         shutil.copytree(tiny_models[arch], dest)
         return dest
     return copy
+
+
+# Converted once per run, shared by the tests of each layout and the daemon test that serves them.
+ANEMLL_LAYOUT = {"context_length": 64, "batch_size": 16, "lut_embeddings": "none", "lut_ffn": "none",
+                 "lut_lm_head": "none"}
+
+
+@pytest.fixture(scope="session")
+def tiny_argmax(tiny_models, tmp_path_factory) -> Path:
+    """Tiny llama in 2 chunks, no LUT, with --argmax-in-model."""
+    from anemlld.convert import pipeline
+    from shared.options import ConvertOptions
+
+    out = tmp_path_factory.mktemp("argmax") / "tiny-argmax"
+    pipeline.convert(tiny_models["llama"], out, ConvertOptions.from_mapping(
+        {**ANEMLL_LAYOUT, "chunks": 2, "argmax_in_model": True}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_monolithic(tiny_models, tmp_path_factory) -> Path:
+    """Tiny llama as one monolithic package, no LUT."""
+    from anemlld.convert import pipeline
+    from shared.options import ConvertOptions
+
+    out = tmp_path_factory.mktemp("mono") / "tiny-mono"
+    pipeline.convert(tiny_models["llama"], out, ConvertOptions.from_mapping({**ANEMLL_LAYOUT, "monolithic": True}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_anemll_argmax(tiny_models, tiny_argmax, tmp_path_factory) -> Path:
+    """``tiny_argmax`` as ANEMLL's --argmax writes it (argmax-only head), with
+    prefill functions that take update_mask (tests/anemll_folders.py)."""
+    from tests.anemll_folders import anemll_argmax_folder, with_update_mask_prefill
+
+    src = tiny_models["llama"]
+    folder = anemll_argmax_folder(tiny_argmax, src, tmp_path_factory.mktemp("anemll") / "tiny-argmax-only")
+    return with_update_mask_prefill(folder, src)

@@ -239,7 +239,7 @@ def test_combined_chunk_stores_shared_weights_once(tmp_path):
         paths[fn] = tmp_path / f"{fn}.mlpackage"
         model.save(str(paths[fn]))
     combined = tmp_path / "chunk.mlpackage"
-    export.combine(paths["infer"], paths["prefill"], combined, {"k": "v"}, "test")
+    export.combine(paths, combined, {"k": "v"}, "test")
 
     def size(p: Path, pattern: str = "*") -> int:
         return sum(f.stat().st_size for f in p.rglob(pattern) if f.is_file())

@@ -44,6 +44,14 @@ def test_ffn_arguments_have_the_names_dtypes_and_shapes_of_the_packages():
     assert args["ring_pos"].dtype == np.int32
 
 
+def test_prefill_of_folders_that_declare_it_gets_anemlls_update_mask():
+    step = {"position_ids": np.arange(3, 7), "causal_mask": np.zeros((1, 1, 4, 64)), "current_pos": np.array([3])}
+    args = executors._ffn_inputs(np.zeros((1, 4, 8), np.float16), step, update_mask_context=64)
+    mask = args["update_mask"]
+    assert mask.shape == (1, 1, 64, 4) and mask.dtype == np.float16 and mask.sum() == 4
+    assert [int(np.argmax(mask[0, 0, :, i])) for i in range(4)] == [3, 4, 5, 6]
+
+
 @pytest.fixture(scope="module")
 def tiny_converted(tiny_models, tmp_path_factory):
     from anemlld.convert import pipeline
@@ -121,3 +129,27 @@ def test_compiled_models_load_through_compiled_mlmodel(tiny_converted, tmp_path,
     with pytest.raises(RuntimeError):
         ex._load(tmp_path / "llama_FFN_PF_lut4_chunk_01of02.mlmodelc", "prefill")
     assert seen == [(str(tmp_path / "llama_FFN_PF_lut4_chunk_01of02.mlmodelc"), "prefill")]
+
+
+@pytest.mark.parametrize("folder, functions", [
+    ("tiny_argmax", {"lm_head": [None, "argmax"]}),
+    ("tiny_monolithic", {"monolithic_full": ["infer", "prefill"]}),
+    ("tiny_anemll_argmax", {"lm_head": [None]}),
+])
+def test_coreml_executor_serves_the_anemll_layouts_as_portable_does(folder, functions, request, monkeypatch):
+    """The argmax head's second function, a monolithic model's one package,
+    ANEMLL's argmax-only head and update_mask prefill, through Core ML's
+    calls (stand-ins computing with the portable executor)."""
+    import coremltools as ct
+
+    path = request.getfixturevalue(folder)
+    monkeypatch.setattr(executors, "coreml_unavailable", lambda: None)
+    monkeypatch.setattr(ct.models, "MLModel", FakeCoreML("MLModel", ct.models.MLModel))
+    FakeCoreML.calls.clear()
+    coreml = Engine(path, executor="coreml")
+    for part, fns in functions.items():
+        assert [c[2] for c in FakeCoreML.calls if part in c[1]] == fns
+    portable = Engine(path, executor="portable")
+    ids = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
+    a, b = (e.complete(ids=ids, params=SamplingParams(max_tokens=8)) for e in (coreml, portable))
+    assert a.token_ids == b.token_ids and a.stats.predictions == b.stats.predictions

@@ -2,7 +2,7 @@
 spellings read by us: package metadata that such a runner int()s, a
 tokenizer found from another working directory, the 0.3.5 keys that make its
 runner use our prefill, the FFN named with or without its chunk suffix, and
-layouts we cannot serve yet refused with a message instead of a traceback."""
+meta.yaml files we cannot read refused with a message instead of a traceback."""
 from __future__ import annotations
 
 import os
@@ -83,12 +83,12 @@ def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"model_type": "monolithic", "monolithic_model": "llama_monolithic_full_lut4.mlmodelc"}, "monolithic"),
-    ({"argmax_in_model": True}, "--argmax"),
+    ({"model_type": "monolithic"}, "lacks model_info.parameters.monolithic_model"),
+    ({"argmax_in_model": True, "lm_head_chunk_sizes": "many"}, "lm_head_chunk_sizes"),
     ({"model_type": "hybrid"}, "model_type 'hybrid'"),
     ({"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
 ])
-def test_layouts_we_cannot_serve_are_refused_with_a_message(ours, tmp_path, changes, needle):
+def test_meta_yaml_we_cannot_read_is_refused_with_a_message(ours, tmp_path, changes, needle):
     other = rewrite(ours, tmp_path / "other", **changes)
     with pytest.raises(BadInput, match=needle) as info:
         layout.read_meta(other)

@@ -128,11 +128,18 @@ def test_unknown_keys_and_tables_are_refused_naming_them(model, text, words):
     ("[convert]\nlut_ffn = 5\n", "lut_ffn"), ("[convert]\nchunks = 'many'\n", "chunks"),
     ("[convert]\narchitecture = 'gpt2'\n", "architecture"), ("[convert]\nprefix = 'a/b'\n", "prefix"),
     ("[convert]\nbatch_size = 1024\n", "batch_size"),
+    ("[convert]\nargmax_in_model = 'yes'\n", "argmax_in_model"),
     ("[serve]\npin = 'yes'\n", "pin"), ("[serve]\npin = 1\n", "pin"),
     ("[serve]\nkeep_alive = 'soon'\n", "keep_alive"), ("[serve]\nkeep_alive = -5\n", "keep_alive"),
 ])
 def test_bad_values_are_refused_naming_the_key_and_file(model, text, key):
     assert key in refused(model, text).message
+
+
+def test_the_argmax_head_is_asked_for_in_the_convert_table(model):
+    inside(model, "[convert]\nargmax_in_model = true\n")
+    assert load_sidecar(model).convert.argmax_in_model is True
+    assert ConvertOptions().argmax_in_model is False
 
 
 def test_bad_keep_alive_says_the_accepted_forms(model):

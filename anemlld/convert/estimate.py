@@ -74,6 +74,8 @@ def parts(plan: "Plan") -> list[Part]:
     """The parts a plan makes, in the order they are built."""
     args, o = plan.args, plan.options
     ends = args.vocab_size * args.hidden_size
+    if o.monolithic:  # one package, both functions; sized at the FFN's LUT (the bulk of it)
+        return [Part(plan.parts[0], 2 * ends + args.num_hidden_layers * args.layer_params, o.lut_ffn, 2)]
     chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2)
               for name, r in zip(plan.parts[1:-1], plan.chunk_ranges)]
     return [Part(plan.parts[0], ends, o.lut_embeddings, 1), *chunks, Part(plan.parts[-1], ends, o.lut_lm_head, 1)]
@@ -85,6 +87,8 @@ def check_part_sizes(plan: "Plan") -> None:
     "auto"``; the embeddings and the LM head are one file each, so one over
     it is refused here, before any work, with the LUT that brings it under."""
     limit = plan.options.max_chunk_mb
+    if plan.options.monolithic:  # checked as a whole by the plan
+        return
     for part, key in ((parts(plan)[0], "lut_embeddings"), (parts(plan)[-1], "lut_lm_head")):
         size = part.bytes / MB
         if size <= limit:

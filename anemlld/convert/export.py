@@ -24,6 +24,7 @@ from shared.errors import AnemllError
 log = logging.getLogger(__name__)
 
 INFER, PREFILL = "infer", "prefill"
+LOGITS, ARGMAX = "logits", "argmax"  # the LM head's functions (with --argmax-in-model)
 
 
 def _ct():
@@ -104,12 +105,46 @@ class ChunkPart(nn.Module):
 
 
 class HeadPart(nn.Module):
-    def __init__(self, lm: AneLM):
+    """The split LM head: ``logits1..K``, or with ``argmax`` each split's
+    winner, ``argmax_idx`` (int32, index within the split) and
+    ``argmax_val`` (its logit), as ANEMLL's ``--argmax`` heads return them:
+    2K numbers leave the model instead of the vocabulary."""
+
+    def __init__(self, lm: AneLM, argmax: bool = False):
         super().__init__()
         self.model = lm
+        self.argmax = argmax
 
     def forward(self, hidden_states):
-        return tuple(self.model.head(hidden_states))
+        splits = self.model.head(hidden_states)
+        return argmax_pair(splits) if self.argmax else tuple(splits)
+
+
+def argmax_pair(splits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's winner: (index within the split int32, its logit), (K,) each."""
+    values = torch.cat([s.reshape(-1).max(dim=0, keepdim=True).values for s in splits])
+    indices = torch.cat([s.reshape(-1).argmax(dim=0, keepdim=True).to(torch.int32) for s in splits])
+    return indices, values
+
+
+class MonolithicPart(nn.Module):
+    """One function of a monolithic model: token ids through the embeddings,
+    every layer and the head, ANEMLL's inputs and outputs (``input_ids``,
+    ``position_ids``, ``causal_mask``, ``current_pos`` -> ``logits1..K``; the
+    prefill function returns the last row's)."""
+
+    def __init__(self, lm: AneLM, prefill: bool, names: list[str], argmax: bool = False):
+        super().__init__()
+        self.model = lm
+        self.prefill = prefill
+        self.names = names
+        self.argmax = argmax
+
+    def forward(self, input_ids, position_ids, *step):
+        h = self.model.embed(input_ids)
+        h = self.model.layers_forward(h, position_ids, **dict(zip(self.names, step)), last_only=self.prefill)
+        splits = self.model.head(h)
+        return argmax_pair(splits) if self.argmax else tuple(splits)
 
 
 def _trace(module: nn.Module, example: tuple) -> torch.jit.ScriptModule:
@@ -127,32 +162,40 @@ class Lut:
     bits: int
     group_size: int
     op_type: str  # "conv" (projections) or "gather" (embeddings)
+    scope: str = ""  # only weights whose names start with it (one part of a monolithic model)
 
 
-def _convert(traced, inputs, outputs, states=None, lut: Lut | None = None):
-    """ct.convert to an fp16 ML program; with ``lut``, the weights (already
-    k-means quantized in torch) are stored as ``constexpr_lut_to_dense``."""
+# The weights of each part, by the names tracing gives them (a monolithic model holds all three).
+EMBEDDINGS_SCOPE, LAYERS_SCOPE, HEAD_SCOPE = "model.model.embed_tokens.", "model.model.layers.", "model.lm_head."
+
+
+def _convert(traced, inputs, outputs, states=None, lut: Lut | list[Lut] | None = None):
+    """ct.convert to an fp16 ML program; with ``lut`` (one per part the
+    model holds), the weights (already k-means quantized in torch) are
+    stored as ``constexpr_lut_to_dense``."""
     ct = _ct()
+    luts = [lut] if isinstance(lut, Lut) else list(lut or [])
     kw = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
               compute_precision=ct.precision.FLOAT16)
     if states:
         kw["states"] = states
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if lut is None:
+        if not luts:
             return ct.convert(traced, convert_to="mlprogram", skip_model_load=True, **kw)
         prog = ct.convert(traced, convert_to="milinternal", **kw)
-        encoded = encode_program(prog, lut.bits, lut.group_size, lut.op_type)
+        encoded = [encode_program(prog, t.bits, t.group_size, t.op_type, t.scope) for t in luts]
         # The program went through the whole pass pipeline already; running it
         # again would only re-hash every weight (const_deduplication) and
         # re-check it for fp16 overflow.
         model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                            pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
-    dense = dense_weights(model, lut.op_type)
-    if dense or not encoded:
-        raise AnemllError(f"LUT {lut.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
-                          "report this with the model's config.json; convert with that part's LUT set to none "
-                          "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
+    for t, count in zip(luts, encoded):
+        dense = dense_weights(model, t.op_type, t.scope)
+        if dense or not count:
+            raise AnemllError(f"LUT {t.bits} encoding left {len(dense)} weights dense (first: {dense[:1]})",
+                              "report this with the model's config.json; convert with that part's LUT set to none "
+                              "to get an unquantized model meanwhile", stage="quantize", code="quantize_failed")
     return model
 
 
@@ -183,39 +226,68 @@ def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
     return _convert(traced, [ids], [ct.TensorType(name="hidden_states", dtype=np.float16)], lut=lut)
 
 
-def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
+def _step(lm: AneLM, seq: int, dtype) -> tuple[list, list, list[str]]:
+    """The example tensors and Core ML inputs of ``position_ids`` and the step
+    inputs after it (masks, write positions), and the step inputs' names."""
     ct = _ct()
-    lm, dtype = _trace_dtype(lm)
-    seq = shapes.batch if prefill else 1
     positions = torch.arange(seq, dtype=torch.int32)
-    example = [torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions]
-    inputs = [
-        ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16),
-        ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
-    ]
+    example = [positions]
+    inputs = [ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32)]
     step = lm.step_inputs(seq)
     for name, shape in step.items():
         mask = name.endswith("_mask")
         example.append(causal_mask(positions, shape[-1], dtype) if mask else torch.zeros(shape, dtype=torch.int32))
         inputs.append(ct.TensorType(name=name, shape=shape, dtype=np.float16 if mask else np.int32))
-    traced = _trace(ChunkPart(lm, prefill, list(step)), tuple(example))
-    lm.reset_cache()  # tracing ran the model once; the state must start empty
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(kv.shape), dtype=np.float16),
-                           name=f"model.model.{name}") for name, kv in lm.caches().items()]
-    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
+    return example, inputs, list(step)
 
 
-def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
+def _states(lm: AneLM) -> list:
+    ct = _ct()
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(kv.shape), dtype=np.float16),
+                         name=f"model.model.{name}") for name, kv in lm.caches().items()]
+
+
+def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
-    traced = _trace(HeadPart(lm), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
-    outputs = [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(len(lm.lm_head.sizes))]
+    seq = shapes.batch if prefill else 1
+    example, inputs, names = _step(lm, seq, dtype)
+    traced = _trace(ChunkPart(lm, prefill, names), (torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example))
+    lm.reset_cache()  # tracing ran the model once; the state must start empty
+    inputs = [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs]
+    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], _states(lm), lut)
+
+
+def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):
+    ct = _ct()
+    lm, dtype = _trace_dtype(lm)
+    traced = _trace(HeadPart(lm, argmax), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
-    return _convert(traced, inputs, outputs, lut=lut)
+    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), lut=lut)
 
 
-def dense_weights(mlmodel, op_type: str) -> list[str]:
-    """Names of ``op_type`` ops whose weight is still a plain constant."""
+def _head_outputs(ct, splits: int, argmax: bool) -> list:
+    if argmax:
+        return [ct.TensorType(name="argmax_idx", dtype=np.int32), ct.TensorType(name="argmax_val", dtype=np.float16)]
+    return [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(splits)]
+
+
+def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None,
+                      argmax: bool = False):
+    """One function (``infer`` or ``prefill``) of a monolithic model; with
+    ``argmax`` it returns each split's winner, as ANEMLL's ``--argmax``."""
+    ct = _ct()
+    lm, dtype = _trace_dtype(lm)
+    seq = shapes.batch if prefill else 1
+    example, inputs, names = _step(lm, seq, dtype)
+    traced = _trace(MonolithicPart(lm, prefill, names, argmax), (torch.zeros(1, seq, dtype=torch.int32), *example))
+    lm.reset_cache()
+    inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32), *inputs]
+    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), _states(lm), luts)
+
+
+def dense_weights(mlmodel, op_type: str, scope: str = "") -> list[str]:
+    """Names of ``op_type`` ops whose weight (named ``scope``...) is still a plain constant."""
     weight_input = {"conv": "weight", "gather": "x"}[op_type]
     dense = []
     for fn in mlmodel._mil_program.functions.values():
@@ -224,7 +296,8 @@ def dense_weights(mlmodel, op_type: str) -> list[str]:
                 continue
             w = op.inputs[weight_input]
             producer = w.op.op_type if w.op is not None else None
-            if producer == "const" and w.val is not None and w.val.size > 1 and w.val.dtype.kind == "f":
+            if (producer == "const" and w.val is not None and w.val.size > 1 and w.val.dtype.kind == "f"
+                    and w.op.name.startswith(scope)):
                 dense.append(op.name)
     return dense
 
@@ -252,14 +325,15 @@ def package_spec_path(pkg: Path) -> Path:
     return pkg / "Data" / root["path"]
 
 
-def combine(infer_pkg: Path, prefill_pkg: Path, out: Path, meta: dict[str, str], description: str) -> None:
-    """One package with ``infer`` (default) and ``prefill``; weights that are
-    byte-identical in both are stored once."""
+def combine(functions: dict[str, Path], out: Path, meta: dict[str, str], description: str) -> None:
+    """One package with a function per entry of ``functions`` (name ->
+    single-function package), the first the default; weights that are
+    byte-identical in all of them are stored once."""
     ct = _ct()
     desc = ct.utils.MultiFunctionDescriptor()
-    desc.add_function(str(infer_pkg), src_function_name="main", target_function_name=INFER)
-    desc.add_function(str(prefill_pkg), src_function_name="main", target_function_name=PREFILL)
-    desc.default_function_name = INFER
+    for name, pkg in functions.items():
+        desc.add_function(str(pkg), src_function_name="main", target_function_name=name)
+    desc.default_function_name = next(iter(functions))
     tmp = out.with_name(out.stem + ".combining.mlpackage")
     shutil.rmtree(tmp, ignore_errors=True)
     with warnings.catch_warnings():

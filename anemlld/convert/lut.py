@@ -413,9 +413,11 @@ def encode_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return lut, unsort(order, rank)
 
 
-def encode_program(prog, bits: int, group_size: int, op_type: str) -> int:
+def encode_program(prog, bits: int, group_size: int, op_type: str, scope: str = "") -> int:
     """Replace every dense weight feeding an ``op_type`` op in ``prog`` (a
-    pymil Program) with ``constexpr_lut_to_dense``. Returns the count."""
+    pymil Program) with ``constexpr_lut_to_dense``; with ``scope``, only the
+    weights whose names start with it (one part of a monolithic model).
+    Returns the count."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
@@ -427,6 +429,8 @@ def encode_program(prog, bits: int, group_size: int, op_type: str) -> int:
     def is_weight(op) -> bool:
         value = op.outputs[0].val
         if op.op_type != "const" or not isinstance(value, np.ndarray) or value.size < 2 or value.dtype.kind != "f":
+            return False
+        if not op.name.startswith(scope):
             return False
         uses = op.outputs[0].child_ops
         return bool(uses) and all(u.op_type == op_type and u.inputs.get(weight_input) is op.outputs[0] for u in uses)

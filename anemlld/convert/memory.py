@@ -34,6 +34,8 @@ def peak_estimate(plan: "Plan") -> int:
     # every chunk holds the whole model's KV state (fp16), traced in fp32
     state = 2 * args.num_hidden_layers * args.num_key_value_heads * plan.options.context_length \
         * args.head_dim * 4
+    if plan.options.monolithic:  # every part in the one export
+        return BASE_BYTES + BYTES_PER_CHUNK_WEIGHT * largest_chunk + state + 2 * BYTES_PER_END_WEIGHT * end
     return BASE_BYTES + max(BYTES_PER_CHUNK_WEIGHT * largest_chunk + state, BYTES_PER_END_WEIGHT * end)
 
 

@@ -141,7 +141,7 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
                          windows=getattr(module, "SLIDING_WINDOW", False))
     args = module.model_args(source.config).within(options.context_length)
     check_checkpoint(arch, args, source)
-    n = choose_chunks(args, options)
+    n = 1 if options.monolithic else choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
     split = DEFAULT_LM_HEAD_SPLIT[arch]
     h, v = args.hidden_size, args.vocab_size
@@ -152,6 +152,14 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
                       *source.fingerprint_parts()])
     p = Plan(source, options, arch, args, prefix, split_layers(args.num_hidden_layers, n), split, fp, size)
     o = options
+    if o.monolithic:
+        if size > o.max_chunk_mb * MB:
+            raise BadInput(f"a monolithic model of {source.path.name} would be about {size / MB:.0f} MB, above "
+                           f"max_chunk_mb = {o.max_chunk_mb} (Core ML files past about 1 GB fail to load on iOS, "
+                           "2 GB on macOS)", "convert it chunked (leave out monolithic), use smaller LUTs, or "
+                           "raise max_chunk_mb", stage="inspect")
+        p.parts = [layout.monolithic_name(prefix, o.lut_ffn)]
+        return p
     p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
                + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
                + [layout.lm_head_name(prefix, o.lut_lm_head)])
@@ -257,10 +265,13 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size)
     try:
-        _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
-        for i, layers in enumerate(p.chunk_ranges):
-            _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
-        _build_end(p, shapes, work, st, emb_w, quant(o.lut_lm_head), head=True)
+        if o.monolithic:
+            _build_monolithic(p, shapes, work, st, quant)
+        else:
+            _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
+            for i, layers in enumerate(p.chunk_ranges):
+                _build_chunk(p, shapes, work, st, i, layers, len(layers) * layer_w, quant(o.lut_ffn))
+            _build_end(p, shapes, work, st, emb_w, quant(o.lut_lm_head), head=True)
     finally:
         p.source.close()
 
@@ -312,12 +323,13 @@ def _save(model, path: Path) -> None:
     tmp.rename(path)
 
 
-def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weight: float):
-    """k-means the part's torch weights once; the export encodes them."""
+def _quantize(st: _Stages, name: str, lm, part: str, p: Plan, kind, weight: float):
+    """k-means the torch weights of ``part`` (``lut_ffn``, ...) once; the export encodes them."""
+    bits, group = getattr(p.options, part), p.options.group_size(part)
     if bits is None:
         return None
-    st.run("quantize", name, weight, lut.quantize_module, lm, bits, p.options.lut_group_size, kind)
-    return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
+    st.run("quantize", name, weight, lut.quantize_module, lm, bits, group, kind)
+    return export.Lut(bits, group, "gather" if kind is nn.Embedding else "conv")
 
 
 def _calibrate(p: Plan, st: _Stages) -> None:
@@ -368,15 +380,37 @@ def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, hea
         return
     lm = _loaded(p, st, name, layers=range(0), embeddings=not head, lm_head=head, lm_head_split=p.lm_head_split)
     if head:
-        bits, kind, fn, what = p.options.lut_lm_head, nn.Conv2d, export.export_head, \
-            f"LM head in {p.lm_head_split} parts"
+        part, kind, fn, what = "lut_lm_head", nn.Conv2d, export.export_head, f"LM head in {p.lm_head_split} parts"
     else:
-        bits, kind, fn, what = p.options.lut_embeddings, nn.Embedding, export.export_embeddings, "token embeddings"
-    table = _quantize(st, name, lm, bits, p, kind, w * q)
+        part, kind, fn, what = "lut_embeddings", nn.Embedding, export.export_embeddings, "token embeddings"
+    bits = getattr(p.options, part)
+    table = _quantize(st, name, lm, part, p, kind, w * q)
+    if head and p.options.argmax_in_model:
+        _build_head_functions(p, shapes, work, st, name, lm, table, w, what)
+        return
     model = st.run("export", name, w, fn, lm, shapes, table)
     del lm
     export.set_metadata(model, _metadata(p, bits), what)
     _save(model, target)
+    gc.collect()
+
+
+def _build_head_functions(p: Plan, shapes, work: Path, st: _Stages, name: str, lm: AneLM, table, w: float,
+                          what: str) -> None:
+    """The LM head with ``logits`` (default, what every runner calls) and
+    ``argmax`` over the same (once quantized) weights, stored once."""
+    fn_paths = {}
+    for fn, argmax in ((export.LOGITS, False), (export.ARGMAX, True)):
+        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
+        model = st.run("export", f"{name} ({fn})", w / 2, export.export_head, lm, shapes, table, argmax)
+        _save(model, fn_paths[fn])
+        del model
+    del lm
+    meta = _metadata(p, p.options.lut_lm_head, functions=f"{export.LOGITS},{export.ARGMAX}")
+    st.run("combine", name, 0.0, export.combine, fn_paths, work / f"{name}.mlpackage", meta,
+           f"{what}: logits, or each part's argmax")
+    for path in fn_paths.values():
+        shutil.rmtree(path, ignore_errors=True)
     gc.collect()
 
 
@@ -391,7 +425,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     bits = p.options.lut_ffn
     # Quantized once; both functions encode the same values, so their tables
     # and indices are byte-identical and the combined package stores them once.
-    table = _quantize(st, name, lm, bits, p, nn.Conv2d, w * q)
+    table = _quantize(st, name, lm, "lut_ffn", p, nn.Conv2d, w * q)
     fn_paths = {}
     for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
         path = work / f"{name}.{fn}.mlpackage"
@@ -406,8 +440,44 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     del lm
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
     desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
-    st.run("combine", name, 0.0, export.combine, fn_paths[export.INFER], fn_paths[export.PREFILL], target,
-           meta, desc)
+    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta, desc)
+    for path in fn_paths.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[[int | None], float]) -> None:
+    """Embeddings, every layer and the head in one package, functions
+    ``infer`` and ``prefill``; each part keeps its own LUT."""
+    name = p.parts[0]
+    target = work / f"{name}.mlpackage"
+    o, args = p.options, p.args
+    emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
+    if target.exists():
+        st.done += 2 * (emb_w + layers_w) + emb_w * (quant(o.lut_embeddings) + quant(o.lut_lm_head)) \
+            + layers_w * quant(o.lut_ffn)
+        return
+    lm = _loaded(p, st, name, lm_head_split=p.lm_head_split)
+    tables = []
+    for part, kind, module, scope, w in (
+            ("lut_embeddings", nn.Embedding, lm.model, export.EMBEDDINGS_SCOPE, emb_w),
+            ("lut_ffn", nn.Conv2d, lm.model, export.LAYERS_SCOPE, layers_w),
+            ("lut_lm_head", nn.Conv2d, lm.lm_head, export.HEAD_SCOPE, emb_w)):
+        table = _quantize(st, f"{name} ({part.removeprefix('lut_')})", module, part, p, kind,
+                          w * quant(getattr(o, part)))
+        if table is not None:
+            tables.append(dataclasses.replace(table, scope=scope))
+    fn_paths = {}
+    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
+        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
+        model = st.run("export", f"{name} ({fn})", emb_w + layers_w, export.export_monolithic, lm, shapes,
+                       prefill, tables)
+        _save(model, fn_paths[fn])
+        del model
+        gc.collect()
+    del lm
+    meta = _metadata(p, o.lut_ffn, functions=f"{export.INFER},{export.PREFILL}")
+    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta,
+           f"monolithic: embeddings, {args.num_hidden_layers} decoder layers, LM head in {p.lm_head_split} parts")
     for path in fn_paths.values():
         shutil.rmtree(path, ignore_errors=True)
 
@@ -437,19 +507,27 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         # its own working directory; without it, it reads the model's folder.
         "model_type": "chunked",
         "num_logits": p.lm_head_split,
+        # Our argmax is a second function of the head; the default function
+        # still returns logits, as runners that read this key as false expect.
         "argmax_in_model": False,
         "prefill_dynamic_slice": True,
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
+    if o.argmax_in_model:
+        params["lm_head_functions"] = f"{export.LOGITS},{export.ARGMAX}"
+    if o.monolithic:  # one file instead of the three kinds of parts, as ANEMLL 0.3.5 writes it
+        for key in ("embeddings", "lm_head", "ffn", "num_chunks"):
+            del params[key]
+        params.update(model_type="monolithic", monolithic_model=p.parts[0] + ext, lut_bits=o.lut_ffn or "none")
     if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
         windows = args.layer_windows
         params.update(sliding_window=args.sliding_window, ring_size=p.ring,
                       local_layers=[i for i, w in enumerate(windows) if w is not None],
                       global_layers=[i for i, w in enumerate(windows) if w is None])
-    for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
-        if bits:
-            params[f"lut_{part}_per_channel"] = o.lut_group_size
+    for part, option in (("embeddings", "lut_embeddings"), ("ffn", "lut_ffn"), ("lmhead", "lut_lm_head")):
+        if getattr(o, option):  # output channels per table, 0 for one per tensor, as ANEMLL writes it
+            params[f"lut_{part}_per_channel"] = o.group_size(option)
     layout.write_meta(work, f"anemll-{p.source.path.name}-ctx{o.context_length}", __version__, p.architecture,
                       params)
     for f in p.source.tokenizer_files():

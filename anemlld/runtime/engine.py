@@ -54,6 +54,8 @@ class Stats:
     done_reason: str = ""       # stop, length, cancelled
     truncated_tokens: int = 0   # dropped from the front of a prompt too long for the context
     context_shifts: int = 0     # times decoding filled the cache and re-prefilled the recent half
+    predictions: int = 0        # model calls (one per part; a monolithic model is one part)
+    predictions_per_token: float = 0.0  # of them, per token run while decoding
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -282,12 +284,14 @@ class Engine:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # --- running tokens through the cache ------------------------------------
-    def feed(self, session: Session, ids: list[int], cancel: threading.Event | None = None) -> np.ndarray | None:
+    def feed(self, session: Session, ids: list[int], cancel: threading.Event | None = None,
+             greedy: bool = False) -> np.ndarray | int | None:
         """Run ``ids`` after the session's cached tokens; logits of the last
-        one (None if cancelled). Full batches go through ``prefill`` while
-        they fit, the rest one at a time through ``infer``; with a ring, the
-        tokens before the first multiple of the batch size go through
-        ``infer`` too, so that batches start there."""
+        one, or with ``greedy`` its most likely next token (None if
+        cancelled). Full batches go through ``prefill`` while they fit, the
+        rest one at a time through ``infer``; with a ring, the tokens before
+        the first multiple of the batch size go through ``infer`` too, so that
+        batches start there."""
         ex, b = self.executor, self.batch
         ex.bind_thread()
         pos, i, hidden = len(session.tokens), 0, None
@@ -309,7 +313,7 @@ class Engine:
         for t in ids[i:]:
             hidden = self._infer(session, t, pos)
             pos += 1
-        return ex.logits(hidden)
+        return ex.argmax(hidden) if greedy else ex.logits(hidden)
 
     def _infer(self, session: Session, token: int, pos: int):
         h = self.executor.embed(np.asarray([[token]], dtype=np.int32))
@@ -346,6 +350,20 @@ class Engine:
         return recent
 
     # --- generation ---------------------------------------------------------
+    def _head_argmax(self, params: SamplingParams, guide: Any = None) -> bool:
+        """Whether this request's tokens come from the head's argmax (greedy
+        with nothing that reshapes the logits: no penalty, no grammar)
+        instead of its logits."""
+        plain = (params.temperature == 0 and params.repetition_penalty == 1.0 and not params.presence_penalty
+                 and not params.frequency_penalty and guide is None)
+        if self.layout.argmax_only and not plain:
+            raise BadInput(f"{self.name} was converted with ANEMLL's --argmax: its LM head returns only the most "
+                           "likely token, so it decodes greedily only, without penalties or a format",
+                           "send temperature 0, no repetition/presence/frequency penalty and no format or tools, "
+                           "or re-convert the model without --argmax (anemlld convert keeps the logits and adds "
+                           "the argmax with --argmax-in-model)", code="bad_request")
+        return plain and self.executor.has_argmax
+
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
                  cancel: threading.Event | None = None, *, ids: list[int] | None = None,
@@ -365,19 +383,22 @@ class Engine:
         if stats.truncated_tokens:
             session.tokens.clear()
         stats.cached_tokens = self._reuse(session, ids)
+        greedy = self._head_argmax(params, guide)
+        calls = self.executor.predictions
         t0 = time.perf_counter()
         todo = ids[stats.cached_tokens:]
-        logits = self.feed(session, todo, cancel)
+        logits = self.feed(session, todo, cancel, greedy)
         stats.prefill_tokens = len(todo)
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
         sampler, detok, generated = Sampler(params), Detokenizer(self.tokenizer, params.stop), []
+        prefill_calls, decoded = self.executor.predictions, 0
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
             if guide is not None:
                 logits = guide.mask(logits)
-            token = sampler(logits, session.tokens, generated)
+            token = logits if greedy else sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break
@@ -396,9 +417,12 @@ class Engine:
             else:
                 if len(session.tokens) >= self.ctx:
                     stats.context_shifts += 1
-                    logits = self.feed(session, self._shift(session) + [token], cancel)
+                    recent = self._shift(session) + [token]
+                    decoded += len(recent)
+                    logits = self.feed(session, recent, cancel, greedy)
                 else:
-                    logits = self.feed(session, [token])
+                    decoded += 1
+                    logits = self.feed(session, [token], greedy=greedy)
                 if logits is None:
                     reason = "cancelled"
         tail = detok.flush()
@@ -408,6 +432,8 @@ class Engine:
         stats.completion_tokens = len(generated)
         stats.tokens_per_s = len(generated) / (stats.decode_ms / 1000) if stats.decode_ms > 0 else 0.0
         stats.done_reason = reason
+        stats.predictions = self.executor.predictions - calls
+        stats.predictions_per_token = (self.executor.predictions - prefill_calls) / decoded if decoded else 0.0
         yield Done(detok.answer, generated, stats)
 
     def complete(self, *args, **kw) -> Done:

@@ -4,7 +4,11 @@
 ``portable`` runs the very same ``.mlpackage`` files anywhere through our MIL
 executor. Both expose: make a state, embed token ids, run the FFN chunks
 (function ``infer`` or ``prefill``) over the shared state, and turn a hidden
-state into logits (the split LM head concatenated).
+state into logits (the split LM head concatenated) or straight into the
+greedy token (the head's ``argmax`` function, or an argmax-only head). A
+monolithic model's one package stands for all of them: ``embed`` passes the
+token ids through, ``ffn`` runs the package and returns its outputs, which
+``logits`` and ``argmax`` read.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from shared.settings import env_count
 log = logging.getLogger(__name__)
 
 INFER, PREFILL = "infer", "prefill"
+ARGMAX = "argmax"  # the LM head's second function, when it has one
 Progress = Callable[[str, float], None]  # (part file name, fraction of the parts loaded)
 
 
@@ -36,6 +41,27 @@ class Executor:
         self.layout = layout
         self.split = layout.split_lm_head
         self.load_ms = 0.0
+        self.predictions = 0  # model calls so far (the engine counts them per token)
+        # Where each LM-head split starts in the vocabulary.
+        self._offsets = np.cumsum([0] + layout.lm_head_chunk_sizes[:-1]) if (
+            layout.argmax_only or layout.head_argmax_function) else None
+
+    @property
+    def has_argmax(self) -> bool:
+        """Whether the head can return the greedy token without the logits."""
+        return self._offsets is not None
+
+    def _logits_or_refuse(self) -> None:
+        if self.layout.argmax_only:
+            raise AnemllError(f"{self.layout.root.name}'s LM head returns only its argmax (ANEMLL's --argmax), "
+                              "not logits", "decode greedily, or re-convert the model without --argmax",
+                              stage="predict", code="bad_request")
+
+    def _token(self, indices: np.ndarray, values: np.ndarray) -> int:
+        """The vocabulary id of the best split's winner (the first on ties, as
+        argmax over the concatenated logits)."""
+        best = int(np.argmax(np.asarray(values, dtype=np.float32).reshape(-1)))
+        return int(np.asarray(indices).reshape(-1)[best]) + int(self._offsets[best])
 
     # The four things the engine needs; subclasses bind the backend.
     def make_state(self) -> Any:
@@ -54,6 +80,15 @@ class Executor:
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def _ffn_inputs(self, hidden, step: dict[str, np.ndarray], function: str) -> dict[str, Any]:
+        lay = self.layout
+        return _ffn_inputs(hidden, step, "input_ids" if lay.monolithic else "hidden_states",
+                           lay.context_length if function == PREFILL and lay.update_mask_prefill else None)
+
+    def argmax(self, hidden: Any) -> int:
+        """The greedy token, from as little of the head as it can return."""
+        return int(np.argmax(self.logits(hidden)))
+
     def bind_thread(self) -> None:
         """Called by the engine on the thread about to run the model."""
 
@@ -65,16 +100,29 @@ class Executor:
 
         steps = Steps.of(self.layout)
         h = self.embed(np.zeros((1, 1), dtype=np.int32))
-        self.logits(self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER))
+        hidden = self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER)
+        if not self.layout.argmax_only:
+            self.logits(hidden)
+        if self.has_argmax:
+            self.argmax(hidden)
 
 
 MASKS = frozenset({"causal_mask", "local_mask"})
 
 
-def _ffn_inputs(hidden, step: dict[str, np.ndarray]) -> dict[str, Any]:
-    inputs = {"hidden_states": hidden}
+def _ffn_inputs(hidden, step: dict[str, np.ndarray], first: str = "hidden_states",
+                update_mask_context: int | None = None) -> dict[str, Any]:
+    """The inputs of an FFN chunk, or of a monolithic model (``first`` is then
+    ``input_ids``). ANEMLL's older prefill functions also take ``update_mask``
+    (1, 1, context, batch): 1 where batch row i is written, at current_pos + i."""
+    inputs = {first: hidden}
     for name, value in step.items():
         inputs[name] = np.asarray(value, dtype=np.float16 if name in MASKS else np.int32)
+    if update_mask_context is not None:
+        rows, pos = len(inputs["position_ids"]), int(inputs["current_pos"][0])
+        mask = np.zeros((1, 1, update_mask_context, rows), dtype=np.float16)
+        mask[0, 0, pos + np.arange(rows), np.arange(rows)] = 1
+        inputs["update_mask"] = mask
     return inputs
 
 
@@ -101,8 +149,7 @@ class PortableExecutor(Executor):
         self.bind_thread()
 
         t = time.perf_counter()
-        paths = [layout.part("embeddings", ".mlpackage"), *layout.chunks(".mlpackage"),
-                 layout.part("lm_head", ".mlpackage")]
+        paths = layout.parts(".mlpackage")
         compiled = [p.name for p in paths if p.suffix != ".mlpackage"]
         if compiled:
             raise AnemllError(f"{layout.root.name} holds only compiled models ({compiled[0]}, ...)",
@@ -114,8 +161,13 @@ class PortableExecutor(Executor):
             if progress:
                 progress(path.name, i / len(paths))
             models.append(PortableModel(path, device))
-        self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
-        self._outputs = [f"logits{i + 1}" for i in range(len(self.head.output_names()))]
+        if layout.monolithic:  # the one model is every part
+            self.embeddings = self.head = None
+            self.chunks = models
+        else:
+            self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
+        self._outputs = [f"logits{i + 1}" for i in range(self.split)]
+        self._argmax_fn = ARGMAX if self.layout.head_argmax_function else None  # None: the default
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
@@ -132,19 +184,39 @@ class PortableExecutor(Executor):
         return self.chunks[0].make_state()
 
     def embed(self, input_ids):
+        if self.embeddings is None:  # monolithic: the token ids go into the one model
+            return input_ids.astype(np.int32)
+        self.predictions += 1
         return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
     def ffn(self, hidden, step, state, function):
-        inputs = _ffn_inputs(hidden, step)
+        inputs = self._ffn_inputs(hidden, step, function)
+        if self.layout.monolithic:
+            self.predictions += 1
+            return self.chunks[0].predict_tensors(inputs, state, function)  # the head's outputs
         for chunk in self.chunks:
             inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
+        self.predictions += len(self.chunks)
         return inputs["hidden_states"]
+
+    def _head(self, hidden, function: str | None = None) -> dict:
+        if isinstance(hidden, dict):  # a monolithic model's outputs
+            return hidden
+        self.predictions += 1
+        return self.head.predict_tensors({"hidden_states": hidden}, function=function)
 
     def logits(self, hidden):
         import torch
 
-        out = self.head.predict_tensors({"hidden_states": hidden})
+        self._logits_or_refuse()
+        out = self._head(hidden)
         return torch.cat([out[k].reshape(-1) for k in self._outputs]).float().cpu().numpy()
+
+    def argmax(self, hidden):
+        if not self.has_argmax:
+            return super().argmax(hidden)
+        out = self._head(hidden, self._argmax_fn)
+        return self._token(out["argmax_idx"].cpu().numpy(), out["argmax_val"].cpu().numpy())
 
 
 class CoreMLExecutor(Executor):
@@ -166,16 +238,22 @@ class CoreMLExecutor(Executor):
 
         self._units = getattr(ct.ComputeUnit, compute_units)
         t = time.perf_counter()
-        paths = [layout.part("embeddings"), *layout.chunks(), layout.part("lm_head")]
+        paths = layout.parts()
         report = progress or (lambda part, fraction: None)
-        report(paths[0].name, 0.0)
-        self.embeddings = self._load(paths[0])
-        self.chunks = []
-        for i, p in enumerate(paths[1:-1], start=1):
-            report(p.name, i / len(paths))
-            self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
-        report(paths[-1].name, (len(paths) - 1) / len(paths))
-        self.head = self._load(paths[-1])
+        if layout.monolithic:  # one model, both functions; no embeddings or head of its own
+            report(paths[0].name, 0.0)
+            self.embeddings = self.head = self.head_argmax = None
+            self.chunks = [{fn: self._load(paths[0], fn) for fn in (INFER, PREFILL)}]
+        else:
+            report(paths[0].name, 0.0)
+            self.embeddings = self._load(paths[0])
+            self.chunks = []
+            for i, p in enumerate(paths[1:-1], start=1):
+                report(p.name, i / len(paths))
+                self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
+            report(paths[-1].name, (len(paths) - 1) / len(paths))
+            self.head = self._load(paths[-1])
+            self.head_argmax = self._load(paths[-1], ARGMAX) if layout.head_argmax_function else self.head
         if warmup:
             self.warm_up()
         self.load_ms = (time.perf_counter() - t) * 1000
@@ -194,19 +272,39 @@ class CoreMLExecutor(Executor):
         return self.chunks[0][INFER].make_state()
 
     def embed(self, input_ids):
+        if self.embeddings is None:  # monolithic: the token ids go into the one model
+            return input_ids.astype(np.int32)
+        self.predictions += 1
         return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
     def ffn(self, hidden, step, state, function):
-        inputs = _ffn_inputs(np.asarray(hidden, dtype=np.float16), step)
+        if self.layout.monolithic:
+            self.predictions += 1
+            return self.chunks[0][function].predict(self._ffn_inputs(hidden, step, function), state)
+        inputs = self._ffn_inputs(np.asarray(hidden, dtype=np.float16), step, function)
         for chunk in self.chunks:
             out = chunk[function].predict(inputs, state)
             inputs["hidden_states"] = out["output_hidden_states"]
+        self.predictions += len(self.chunks)
         return inputs["hidden_states"]
 
+    def _head(self, hidden, model) -> dict:
+        if isinstance(hidden, dict):  # a monolithic model's outputs
+            return hidden
+        self.predictions += 1
+        return model.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+
     def logits(self, hidden):
-        out = self.head.predict({"hidden_states": np.asarray(hidden, dtype=np.float16)})
+        self._logits_or_refuse()
+        out = self._head(hidden, self.head)
         return np.concatenate([np.asarray(out[f"logits{i + 1}"]).reshape(-1) for i in range(self.split)]
                               ).astype(np.float32)
+
+    def argmax(self, hidden):
+        if not self.has_argmax:
+            return super().argmax(hidden)
+        out = self._head(hidden, self.head_argmax)
+        return self._token(out["argmax_idx"], out["argmax_val"])
 
 
 def coreml_unavailable() -> str | None:

@@ -9,7 +9,10 @@ transformers in fp32. Reported:
 - ``max_abs_logit_diff`` / ``mean_abs_logit_diff`` over every position;
 - ``greedy_agreement``: the fraction of positions whose most likely next
   token is the same in both (teacher-forced, so one disagreement does not
-  derail the rest).
+  derail the rest);
+- ``kl_divergence``: the mean over positions of KL(reference || converted)
+  between the next-token distributions, in nats (the figure ANEMLL's model
+  cards quote beside top-1 agreement).
 """
 from __future__ import annotations
 
@@ -40,10 +43,13 @@ class Report:
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
     greedy_agreement: float
+    kl_divergence: float
     seconds: float
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        # KL of a model without LUT is around 1e-5: four decimals would say 0
+        return {k: (round(v, 7 if k == "kl_divergence" else 4) if isinstance(v, float) else v)
+                for k, v in asdict(self).items()}
 
 
 def reference_of(model_dir: Path) -> Path:
@@ -58,11 +64,20 @@ def reference_of(model_dir: Path) -> Path:
     return Path(src)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
-    logsum = np.log(np.exp(z).sum(axis=-1))
-    return logsum - z[np.arange(len(targets)), targets]
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -log_softmax(logits)[np.arange(len(targets)), targets]
+
+
+def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """KL(reference || ours) per row of two (positions, vocab) logit arrays."""
+    p, q = log_softmax(reference), log_softmax(ours)
+    return (np.exp(p) * (p - q)).sum(axis=-1)
 
 
 def verify(model_dir: str | Path, reference: str | Path | None = None, text: str | None = None,
@@ -74,12 +89,15 @@ def verify(model_dir: str | Path, reference: str | Path | None = None, text: str
     model_dir = Path(model_dir)
     ref_dir = Path(reference) if reference else reference_of(model_dir)
     engine = engine or Engine(model_dir, executor=executor)
+    if engine.layout.argmax_only:
+        raise BadInput(f"{model_dir}'s LM head returns only its argmax (ANEMLL's --argmax): verify compares "
+                       "logits", "verify a conversion without --argmax of the same model")
     text = text if text is not None else SAMPLE_TEXT.read_text(encoding="utf-8")
     ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
     window = engine.ctx
     bos = engine.tokenizer.bos_token_id
     ref = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32).eval()
-    nll, ref_nll, diffs_max, diffs_sum, agree, count, windows = [], [], 0.0, 0.0, 0, 0, 0
+    nll, ref_nll, kl, diffs_max, diffs_sum, agree, count, windows = [], [], [], 0.0, 0.0, 0, 0, 0
     step = window - (1 if bos is not None else 0)
     for start in range(0, len(ids), step):
         body = ids[start:start + step]
@@ -94,6 +112,7 @@ def verify(model_dir: str | Path, reference: str | Path | None = None, text: str
         targets = np.asarray(seq[1:])
         nll.append(_nll(ours, targets))
         ref_nll.append(_nll(theirs, targets))
+        kl.append(kl_divergence(theirs, ours))
         diff = np.abs(ours - theirs)
         diffs_max = max(diffs_max, float(diff.max()))
         diffs_sum += float(diff.mean()) * len(targets)
@@ -106,4 +125,5 @@ def verify(model_dir: str | Path, reference: str | Path | None = None, text: str
         windows=windows, perplexity=math.exp(float(np.concatenate(nll).mean())),
         reference_perplexity=math.exp(float(np.concatenate(ref_nll).mean())),
         max_abs_logit_diff=diffs_max, mean_abs_logit_diff=diffs_sum / count, greedy_agreement=agree / count,
+        kl_divergence=float(np.concatenate(kl).mean()),
         seconds=time.perf_counter() - t0)
