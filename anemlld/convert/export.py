@@ -191,14 +191,25 @@ def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = Non
                causal_mask(positions, shapes.context, dtype), torch.zeros(1, dtype=torch.int32))
     traced = _trace(ChunkPart(lm, prefill), example)
     lm.reset_cache()  # tracing ran the model once; the state must start empty
-    inputs = [
+    return _convert(traced, chunk_inputs(ct, shapes, seq), chunk_outputs(ct), chunk_states(ct, shapes), lut)
+
+
+def chunk_inputs(ct, shapes: Shapes, seq: int) -> list:
+    """A chunk function's inputs, ``seq`` rows at a time (1: infer)."""
+    return [
         ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16),
         ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
         ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
         ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
     ]
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
-    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], states, lut)
+
+
+def chunk_outputs(ct) -> list:
+    return [ct.TensorType(name="output_hidden_states", dtype=np.float16)]
+
+
+def chunk_states(ct, shapes: Shapes) -> list:
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
 
 
 def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None):

@@ -483,10 +483,11 @@ class AneLM(nn.Module):
         fused, start, end = source
         return get(fused)[start:end]
 
-    def load_weights(self, get: Callable[[str], torch.Tensor]) -> None:
-        """Fill every parameter from the checkpoint through ``get(name)``."""
+    def load_weights(self, get: Callable[[str], torch.Tensor], skip: Callable[[str], bool] | None = None) -> None:
+        """Fill every parameter from the checkpoint through ``get(name)``,
+        but those ``skip(name)`` is true of."""
         for name, param in self.named_parameters():
-            if name.startswith("lm_head.splits."):
+            if name.startswith("lm_head.splits.") or (skip is not None and skip(name)):
                 continue
             tensor = self._read(get, name)
             if param.dim() == 4 and tensor.dim() == 2:
