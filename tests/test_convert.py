@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from anemlld import layout
-from anemlld.convert import export, pipeline
+from anemlld.convert import export, pipeline, program
 from anemlld.convert.models import ARCHITECTURES
 from shared.options import ConvertOptions
 from tests.conftest import ARCHS, TINY
@@ -190,8 +190,8 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     monkeypatch.undo()
 
     exported = []
-    real = export.export_chunk
-    monkeypatch.setattr(export, "export_chunk", lambda *a, **k: exported.append(1) or real(*a, **k))
+    real = program.DirectChunk.export
+    monkeypatch.setattr(program.DirectChunk, "export", lambda *a, **k: exported.append(1) or real(*a, **k))
     result = pipeline.convert(tiny_models["qwen2"], dest, opts)
     assert exported == []  # both chunks came from the first run
     assert not result.reused and (dest / "qwen_lm_head.mlpackage").exists()

@@ -40,7 +40,8 @@ def op_counts(path: Path) -> dict[str, int]:
 
 
 def both_routes(arch: str, folder: Path, out: Path, bits: int | None, layers: range) -> dict[str, Path]:
-    """The chunk of ``layers`` exported by each route, infer and prefill combined."""
+    """The chunk of ``layers`` exported by each route, infer and prefill
+    combined (the frontend's by ``export.combine``, as the pipeline did)."""
     source = HFSource.open(folder)
     module = ARCHITECTURES[arch]
     args = module.model_args(source.config)
@@ -54,15 +55,13 @@ def both_routes(arch: str, folder: Path, out: Path, bits: int | None, layers: ra
         table = export.Lut(bits, GROUP, "conv")
     direct = program.DirectChunk(arch, args, layers, CTX, source.get)
     direct.read(bits, GROUP)
-    made = {}
-    for route, fn in (("frontend", lambda prefill: export.export_chunk(lm, shapes, prefill, table)),
-                      ("direct", lambda prefill: direct.export(shapes, prefill))):
-        paths = {}
-        for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
-            paths[name] = out / f"{route}.{name}.mlpackage"
-            fn(prefill).save(str(paths[name]))
-        made[route] = out / f"{route}.mlpackage"
-        export.combine(paths[export.INFER], paths[export.PREFILL], made[route], {"k": "v"}, route)
+    made = {"frontend": out / "frontend.mlpackage", "direct": out / "direct.mlpackage"}
+    paths = {}
+    for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
+        paths[name] = out / f"frontend.{name}.mlpackage"
+        export.export_chunk(lm, shapes, prefill, table).save(str(paths[name]))
+    export.combine(paths[export.INFER], paths[export.PREFILL], made["frontend"], {"k": "v"}, "frontend")
+    direct.export_combined(shapes).save(str(made["direct"]))
     source.close()
     return made
 
@@ -93,13 +92,13 @@ def run(path: Path, hidden: int, seed: int) -> tuple[list[np.ndarray], np.ndarra
 
 @pytest.fixture(scope="module")
 def chunks(tiny_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per architecture, the last chunk (its final norm included) with a 4-bit
+    """Per architecture, a chunk of the last layer (the final norm included) with a 4-bit
     LUT; Llama also its first chunk without a LUT."""
     out = {}
     for arch in ARCHS:
         folder = tiny_models[arch]
         layers = HFSource.open(folder).config["num_hidden_layers"]
-        out[arch] = both_routes(arch, folder, tmp_path_factory.mktemp(arch), BITS, range(1, layers))
+        out[arch] = both_routes(arch, folder, tmp_path_factory.mktemp(arch), BITS, range(layers - 1, layers))
     out["llama-fp16"] = both_routes("llama", tiny_models["llama"], tmp_path_factory.mktemp("fp16"), None, range(0, 1))
     return out
 

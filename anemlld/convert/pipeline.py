@@ -21,7 +21,7 @@ from typing import Callable
 from anemlld import __version__, layout
 from torch import nn
 
-from anemlld.convert import estimate, export, lut
+from anemlld.convert import estimate, export, lut, program
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, sliding_window, split_sizes,
                                          weights_loaded_later)
@@ -348,11 +348,13 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     if target.exists():
         st.done += w * (2 + q)
         return
-    lm = _loaded(p, st, name, layers=layers, embeddings=False, lm_head=False)
     bits = p.options.lut_ffn
-    # Quantized once; both functions encode the same values, so their tables
-    # and indices are byte-identical and the combined package stores them once.
-    table = _quantize(st, name, lm, bits, p, nn.Conv2d, w * q)
+    # Read and quantized once, one weight at a time; both functions get the
+    # same tables and indices, which the combined package stores once.
+    chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
+                   p.options.context_length, p.source.get)
+    st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.lut_group_size)
+    p.source.close()
     fn_paths = {}
     for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
         path = work / f"{name}.{fn}.mlpackage"
@@ -360,11 +362,11 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
         if path.exists():
             st.done += w
             continue
-        model = st.run("export", f"{name} ({fn})", w, export.export_chunk, lm, shapes, prefill, table)
+        model = st.run("export", f"{name} ({fn})", w, chunk.export, shapes, prefill)
         _save(model, path)
         del model
         gc.collect()
-    del lm
+    del chunk
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
     desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
     st.run("combine", name, 0.0, export.combine, fn_paths[export.INFER], fn_paths[export.PREFILL], target,

@@ -118,20 +118,28 @@ class DirectChunk:
             del tensor
         return len(self.weights)
 
-    def export(self, shapes: export.Shapes, prefill: bool):
-        """The chunk's ``infer`` (``prefill`` False) or ``prefill`` function as
-        an ML program, with the interface ``export.export_chunk`` gives it."""
+    def export_combined(self, shapes: export.Shapes):
+        """``infer`` (the default) and ``prefill`` in one ML program, each
+        weight stored once for both: what ``export.combine`` makes of two
+        ``export`` packages, without writing, reading back and hashing them."""
+        from coremltools import _SPECIFICATION_VERSION_IOS_18
+        from coremltools.converters.mil.converter import mil_convert
+        from coremltools.converters.mil.mil import Program
+
         if len(self.weights) != len(self.shapes):
             raise RuntimeError("DirectChunk.read must run before export")
         ct = export._ct()
-        prog = self._program(ct, shapes, prefill)
+        both = Program()
+        for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
+            both.add_function(name, self._program(ct, shapes, prefill).functions["main"])
+        both.default_function_name = export.INFER
+        both.skip_all_passes = True
+        both.export_as_multifunction = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # the program went through the pass pipeline with the weights as
-            # inputs; the constants put in since need none of it
-            model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                               pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
-        return model
+            return mil_convert(both, convert_to="mlprogram", convert_from="milinternal",
+                               specification_version=_SPECIFICATION_VERSION_IOS_18,
+                               compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
 
     def _program(self, ct, shapes: export.Shapes, prefill: bool):
         lm, dtype = self.lm, self.dtype
@@ -175,9 +183,14 @@ class DirectChunk:
                         w, const_name = weights[n], n.replace(".", "_")
                         if w.dense is not None:
                             new = mb.const(val=w.dense, name=const_name, before_op=first)
+                            stored = {"": new.op}
                         else:
                             new = mb.constexpr_lut_to_dense(indices=w.indices.astype(index_dtype), lut=w.table,
                                                             name=const_name + "_lut", before_op=first)
+                            stored = {f"_{k}": new.op.inputs[k].op for k in ("indices", "lut")}
+                        # one blob for this weight in every function of a package
+                        for suffix, const in stored.items():
+                            const.weight_id = const_name + suffix
                         fn.replace_uses_of_var_after_op(anchor_op=None, old_var=fn.inputs[inp], new_var=new,
                                                         no_check_var_types=True)
                 put(program.functions["main"])
