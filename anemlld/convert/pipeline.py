@@ -349,30 +349,19 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
         st.done += w * (2 + q)
         return
     bits = p.options.lut_ffn
-    # Read and quantized once, one weight at a time; both functions get the
-    # same tables and indices, which the combined package stores once.
+    # Read and quantized once, one weight at a time, for both functions
+    # (infer and prefill), which are built and saved as one package.
     chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
                    p.options.context_length, p.source.get)
     st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.lut_group_size)
     p.source.close()
-    fn_paths = {}
-    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
-        path = work / f"{name}.{fn}.mlpackage"
-        fn_paths[fn] = path
-        if path.exists():
-            st.done += w
-            continue
-        model = st.run("export", f"{name} ({fn})", w, chunk.export, shapes, prefill)
-        _save(model, path)
-        del model
-        gc.collect()
+    model = st.run("export", name, 2 * w, chunk.export_combined, shapes)
     del chunk
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
-    desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
-    st.run("combine", name, 0.0, export.combine, fn_paths[export.INFER], fn_paths[export.PREFILL], target,
-           meta, desc)
-    for path in fn_paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    export.set_metadata(model, meta, f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}")
+    _save(model, target)
+    del model
+    gc.collect()
 
 
 def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, float]) -> None:

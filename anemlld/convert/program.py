@@ -68,6 +68,13 @@ def _lifted(convs: list[nn.Conv2d], weights):
             del conv.forward
 
 
+def index_dtype(bits: int):
+    """The numpy dtype of ``bits``-bit LUT indices in a MIL program."""
+    from coremltools.converters.mil.mil import types
+
+    return types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
+
+
 def input_name(param: str) -> str:
     """The program input a lifted weight enters as (coremltools' spelling)."""
     return "lifted_" + param.replace(".", "_")
@@ -89,7 +96,7 @@ class DirectChunk:
             m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
         lm.load_weights(get, skip=lambda name: f"model.{name}" in self.convs)
         self.lm, self.dtype = export._trace_dtype(lm)
-        self.get = get
+        self.get, self.layers = get, layers
         self.weights: dict[str, Weight] = {}
         self.bits: int | None = None
 
@@ -114,8 +121,10 @@ class DirectChunk:
                 q = lut.quantize_weight(tensor, bits, group_size)
                 g = lut.group_size_for(shape[0], group_size)
                 table = q.lut.numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
-                self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy())
+                # in the dtype the program stores, once for both functions
+                self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(index_dtype(bits)))
             del tensor
+        log.debug("read %d weights of layers %s, %s", len(self.weights), self.layers, f"LUT {bits}" if bits else "fp16")
         return len(self.weights)
 
     def export_combined(self, shapes: export.Shapes):
@@ -166,12 +175,10 @@ class DirectChunk:
         """Each lifted input replaced by its weight as a constant; run as a
         coremltools graph pass, so that the new ops get scope info."""
         from coremltools.converters.mil import Builder as mb
-        from coremltools.converters.mil.mil import types
         from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
         from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-        weights, bits = self.weights, self.bits
-        index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}")) if bits else None
+        weights = self.weights
         lifted = {input_name(n): n for n in names}
 
         class PutWeights(AbstractGraphPass):
@@ -185,7 +192,7 @@ class DirectChunk:
                             new = mb.const(val=w.dense, name=const_name, before_op=first)
                             stored = {"": new.op}
                         else:
-                            new = mb.constexpr_lut_to_dense(indices=w.indices.astype(index_dtype), lut=w.table,
+                            new = mb.constexpr_lut_to_dense(indices=w.indices, lut=w.table,
                                                             name=const_name + "_lut", before_op=first)
                             stored = {f"_{k}": new.op.inputs[k].op for k in ("indices", "lut")}
                         # one blob for this weight in every function of a package
