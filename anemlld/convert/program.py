@@ -16,6 +16,7 @@ LM head, and as the baseline ``bench/export_paths.py`` measures this against.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from contextlib import contextmanager
@@ -80,6 +81,19 @@ def input_name(param: str) -> str:
     return "lifted_" + param.replace(".", "_")
 
 
+def share_constants(prog) -> None:
+    """Constants of equal value in several functions (the rope tables, the
+    masks' shapes) stored once, as ``save_multifunction`` stores them; the
+    weights already carry their ids. Only the small rest is hashed."""
+    ids: dict[tuple, str] = {}
+    for fn in prog.functions.values():
+        for op in fn.operations:
+            value = op.outputs[0].val if op.op_type == "const" and op.weight_id is None else None
+            if isinstance(value, np.ndarray) and value.size > 1:
+                key = (value.dtype.str, value.shape, hashlib.sha256(np.ascontiguousarray(value).tobytes()).digest())
+                op.weight_id = ids.setdefault(key, f"shared_{len(ids)}")
+
+
 class DirectChunk:
     """One FFN chunk: the torch part without its projection weights, and
     those weights read (and quantized) one at a time from ``get``."""
@@ -141,6 +155,7 @@ class DirectChunk:
         both = Program()
         for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
             both.add_function(name, self._program(ct, shapes, prefill).functions["main"])
+        share_constants(both)
         both.default_function_name = export.INFER
         both.skip_all_passes = True
         both.export_as_multifunction = True
