@@ -81,6 +81,22 @@ def input_name(param: str) -> str:
     return "lifted_" + param.replace(".", "_")
 
 
+@contextmanager
+def validated_once():
+    """coremltools checks the whole program after each of its ~90 passes
+    (every op's inputs and consumers): half of a 1B-shaped chunk's export
+    here, growing with the ops. Inside, those checks are skipped; the caller
+    validates the result once."""
+    from coremltools.converters.mil.mil import Program
+
+    real = Program.validate
+    Program.validate = lambda self, check_essential_scope=False: None
+    try:
+        yield
+    finally:
+        Program.validate = real
+
+
 def share_constants(prog) -> None:
     """Constants of equal value in several functions (the rope tables, the
     masks' shapes) stored once, as ``save_multifunction`` stores them; the
@@ -159,7 +175,8 @@ class DirectChunk:
         both.default_function_name = export.INFER
         both.skip_all_passes = True
         both.export_as_multifunction = True
-        with warnings.catch_warnings():
+        both.validate()
+        with warnings.catch_warnings(), validated_once():
             warnings.simplefilter("ignore")
             return mil_convert(both, convert_to="mlprogram", convert_from="milinternal",
                                specification_version=_SPECIFICATION_VERSION_IOS_18,
@@ -178,11 +195,12 @@ class DirectChunk:
         lm.reset_cache()
         inputs = export.chunk_inputs(ct, shapes, seq) + [
             ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), validated_once():
             warnings.simplefilter("ignore")
             prog = ct.convert(traced, convert_to="milinternal", inputs=inputs, outputs=export.chunk_outputs(ct),
                               states=export.chunk_states(ct, shapes), minimum_deployment_target=ct.target.iOS18,
                               compute_precision=ct.precision.FLOAT16)
+        prog.validate(check_essential_scope=True)
         self._put_weights(prog, names)
         return prog
 
