@@ -88,9 +88,8 @@ def child(route: str, folder: str, out: str) -> int:
         step("combine", export.combine, paths[export.INFER], paths[export.PREFILL], target, {"bench": route},
              "bench")
     else:
-        chunk = step("load", program.DirectChunk, "llama", args, layers, CTX, source.get)
+        chunk = step("load", program.DirectChunk, "llama", args, layers, CTX, source.get, source.close)
         step("quantize", chunk.read, BITS, GROUP)
-        source.close()
         model = step("export infer+prefill", chunk.export_combined, shapes)
         step("save combined", model.save, str(target))
     size = sum(f.stat().st_size for f in (out_dir / "chunk.mlpackage").rglob("*") if f.is_file())

@@ -352,9 +352,8 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     # Read and quantized once, one weight at a time, for both functions
     # (infer and prefill), which are built and saved as one package.
     chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
-                   p.options.context_length, p.source.get)
+                   p.options.context_length, p.source.get, p.source.close)
     st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.lut_group_size)
-    p.source.close()
     model = st.run("export", name, 2 * w, chunk.export_combined, shapes)
     del chunk
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")

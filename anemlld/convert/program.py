@@ -115,7 +115,10 @@ class DirectChunk:
     those weights read (and quantized) one at a time from ``get``."""
 
     def __init__(self, architecture: str, args: ModelArgs, layers: range, context_length: int,
-                 get: Callable[[str], torch.Tensor]):
+                 get: Callable[[str], torch.Tensor], release: Callable[[], None] | None = None):
+        """``release`` (optional) unmaps the checkpoint: called after each
+        weight is read, so that its pages do not stay resident with the
+        quantized chunk."""
         with weights_loaded_later():
             lm = build(architecture, args, layers=layers, embeddings=False, lm_head=False,
                        context_length=context_length)
@@ -126,7 +129,7 @@ class DirectChunk:
             m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
         lm.load_weights(get, skip=lambda name: f"model.{name}" in self.convs)
         self.lm, self.dtype = export._trace_dtype(lm)
-        self.get, self.layers = get, layers
+        self.get, self.release, self.layers = get, release, layers
         self.weights: dict[str, Weight] = {}
         self.bits: int | None = None
 
@@ -154,6 +157,8 @@ class DirectChunk:
                 # in the dtype the program stores, once for both functions
                 self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(index_dtype(bits)))
             del tensor
+            if self.release is not None:
+                self.release()
         log.debug("read %d weights of layers %s, %s", len(self.weights), self.layers, f"LUT {bits}" if bits else "fp16")
         return len(self.weights)
 
