@@ -85,6 +85,25 @@ class Layout:
         return int(self.params.get("split_lm_head", 8))
 
     @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding-window layers, None if every layer is full."""
+        value = self.params.get("sliding_window")
+        return int(value) if value else None
+
+    @property
+    def ring_size(self) -> int | None:
+        """Slots of the sliding-window layers' ring cache; None without one
+        (no such layers, or a folder from before rings: the window is then
+        in every layer's causal mask)."""
+        value = self.params.get("ring_size")
+        return int(value) if value else None
+
+    @property
+    def full_attention(self) -> bool:
+        """Whether any layer attends to the whole context (takes causal_mask)."""
+        return self.ring_size is None or bool(self.params.get("global_layers"))
+
+    @property
     def architecture(self) -> str:
         return str(self.info.get("architecture", "llama"))
 
@@ -157,9 +176,22 @@ def read_meta(root: str | Path) -> Layout:
     missing = [k for k in ("context_length", "num_chunks", "embeddings", "lm_head", "ffn") if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
-    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head"):
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window", "ring_size"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
                            "fix meta.yaml or convert the model again", stage="load")
+    window, ring = int(params.get("sliding_window") or 0), int(params.get("ring_size") or 0)
+    if ring and not window:
+        raise BadInput(f"{path} gives a ring_size but no sliding_window", "convert the model again", stage="load")
+    batch, context = int(params.get("batch_size", 64)), int(params["context_length"])
+    if ring and ring < context and (ring % batch or ring < window + batch - 1):
+        raise BadInput(f"{path}: ring_size {ring} cannot hold a window of {window} and a batch of {batch} in whole "
+                       "batches", "convert the model again", stage="load")
+    if window and not ring and not (root / MANIFEST_FILE).is_file():
+        # ANEMLL's Gemma 3: window-sized local caches shifted by rotate functions
+        raise BadInput(f"{path} describes sliding-window layers in ANEMLL's layout (infer_rotate / prefill_rotate "
+                       "functions), which this anemlld cannot serve",
+                       "let anemlld convert the original Hugging Face model (its ring caches need no rotate "
+                       "functions)", stage="load")
     return Layout(root, params, info)

@@ -62,6 +62,7 @@ from anemlld.worker import WorkerDied
 from anemlld.registry import ModelEntry, Registry
 from anemlld.runtime.prefix_cache import PrefixCache
 from anemlld.runtime.sampling import SamplingParams
+from anemlld.runtime.tools import Structure, template_messages
 from shared.errors import AnemllError
 from shared.settings import Settings, format_duration
 
@@ -93,17 +94,25 @@ def new_prefix_cache(engine: Any, states: int, size: int) -> PrefixCache:
 
 def run_request(engine: Any, cache: PrefixCache, *, prompt: str | None, messages: list[dict] | None,
                 options: Mapping[str, Any] | None, session_id: str | None,
-                cancel: threading.Event | None) -> Iterator[Token | Done]:
+                cancel: threading.Event | None, structure: Mapping[str, Any] | None = None
+                ) -> Iterator[Token | Done]:
     """One request on an engine in this process: sampling params = engine.sampling_defaults
     overlaid with ``options``; the KV state from ``cache``, and back into it afterwards
-    (dropped on an exception). Raises AnemllError(code="bad_request") for an invalid
-    option combination (SamplingParams' BadInput)."""
+    (dropped on an exception). ``structure`` holds the request's format, tools and
+    tool_choice (anemlld.runtime.tools.Structure). Raises AnemllError(code="bad_request")
+    for an invalid option combination (SamplingParams' BadInput) or a schema or tool list
+    the model cannot honour."""
     params = sampling_params(getattr(engine, "sampling_defaults", {}), options or {})
-    ids = engine.encode(prompt, messages)
+    plan = Structure.of(engine.tokenizer, engine.eos, dict(structure), params.max_tokens) if structure \
+        else Structure()
+    if messages is not None and structure:
+        messages = template_messages(messages)
+    ids = engine.encode(prompt, messages, tools=plan.tools) if plan.tools else engine.encode(prompt, messages)
     session = cache.take(ids, session_id)
     # An exception (or the consumer closing us) skips the put: the state may
     # hold half a request, and a fresh one costs only a prefill.
-    yield from engine.generate(ids=ids, params=params, session=session, cancel=cancel)
+    guided = {"guide": plan.guide} if plan.guide is not None else {}
+    yield from plan.stream(engine.generate(ids=ids, params=params, session=session, cancel=cancel, **guided))
     cache.put(session, session_id)
 
 
@@ -150,7 +159,8 @@ class ResidentModel:
     # -- on the model's thread -------------------------------------------------
     def generate(self, *, prompt: str | None = None, messages: list[dict] | None = None,
                  options: Mapping[str, Any] | None = None, session_id: str | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[Token | Done]:
+                 cancel: threading.Event | None = None, structure: Mapping[str, Any] | None = None
+                 ) -> Iterator[Token | Done]:
         """Run one request on this model (``run_request``, in its worker when it has one).
         ``options`` keys: max_tokens, temperature, top_k, top_p, repetition_penalty,
         presence_penalty, frequency_penalty, seed, stop (tuple of str). A worker that dies
@@ -158,11 +168,11 @@ class ResidentModel:
         engine = self.engine
         if not hasattr(engine, "request"):
             yield from run_request(engine, self._prefix_cache(), prompt=prompt, messages=messages,
-                                   options=options, session_id=session_id, cancel=cancel)
+                                   options=options, session_id=session_id, cancel=cancel, structure=structure)
             return
         try:
             yield from engine.request(prompt=prompt, messages=messages, options=options, session_id=session_id,
-                                      cancel=cancel)
+                                      cancel=cancel, structure=structure)
         except WorkerDied as e:
             raise self.on_death(self, e) if self.on_death is not None else e from None
 

@@ -121,7 +121,8 @@ class Server:
             "hello": self._hello, "models": self._models, "ps": self._ps, "jobs": self._jobs,
             "watch": self._watch, "generate": self._generate, "cancel": self._cancel, "load": self._load,
             "unload": self._unload, "pin": self._pin, "convert": self._convert, "retry": self._retry}
-        self.capabilities = [op for op in p.REQUESTS if jobs is not None or op not in JOB_OPS]
+        self.capabilities = [op for op in p.REQUESTS if jobs is not None or op not in JOB_OPS] + \
+            list(p.FIELD_CAPABILITIES)
         self._unsubscribe = [registry.subscribe(self._on_model_change), residency.listen(self._on_load_progress)]
         if jobs is not None and callable(getattr(jobs, "subscribe", None)):
             unsubscribe = jobs.subscribe(self.job_progress)

@@ -213,9 +213,9 @@ class Service:
                 return
             try:
                 for event in model.generate(prompt=req.prompt, messages=messages, options=options,
-                                            session_id=req.session, cancel=cancel):
+                                            session_id=req.session, cancel=cancel, structure=req.structure):
                     if hasattr(event, "stats"):
-                        _safe(sink.done, done_fields(event.stats, load_ms))
+                        _safe(sink.done, done_fields(event.stats, load_ms, getattr(event, "tool_calls", None)))
                     else:
                         _safe(sink.token, event.text, event.token_ids)
             except Exception as e:
@@ -237,12 +237,14 @@ def zero_stats(load_ms: float = 0.0, reason: str = "cancelled") -> dict[str, Any
     return stats
 
 
-def done_fields(stats: Any, load_ms: float) -> dict[str, Any]:
+def done_fields(stats: Any, load_ms: float, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     values = stats.as_dict() if hasattr(stats, "as_dict") else dataclasses.asdict(stats)
     fields = {**zero_stats(), **values}
     reason = fields.get("done_reason") or "stop"
     fields["done_reason"] = reason if reason in p.DONE_REASONS else "stop"
     fields["load_ms"] = round(load_ms, 2)
+    if tool_calls:
+        fields["tool_calls"] = tool_calls
     return wire_safe(fields)
 
 

@@ -11,10 +11,13 @@ it, with the engine's side of what residency calls (``request``, ``ctx``,
 
 The channel is a pair of pipes carrying msgpack maps back to back (msgpack
 delimits itself; never pickle). The daemon sends ``load`` once, then
-``generate`` and ``cancel``; the worker answers ``progress`` while loading,
-then ``loaded`` or ``load_failed``, and per request ``tokens`` (text and
-token ids, batched like the socket's token events: the first at once, then at
-most every ``stream_interval_seconds``), then ``done`` (the statistics) or
+``generate`` (with the request's ``structure``: format, tools, tool_choice;
+its grammar is compiled and applied here, never in the daemon) and
+``cancel``; the worker answers ``progress`` while loading, then ``loaded``
+or ``load_failed``, and per request ``tokens`` (text and token ids, batched
+like the socket's token events: the first at once, then at most every
+``stream_interval_seconds``), then ``done`` (the statistics and the
+answer's ``tool_calls``) or
 ``error`` (an AnemllError's fields). Pipes rather than a socket because their
 closing is the news in both directions: the daemon reads end-of-file the
 moment a worker dies, however it died, and a worker reads end-of-file the
@@ -131,14 +134,16 @@ class Worker:
 
     def request(self, *, prompt: str | None = None, messages: list[dict] | None = None,
                 options: Mapping[str, Any] | None = None, session_id: str | None = None,
-                cancel: threading.Event | None = None) -> Iterator["Token | Done"]:
+                cancel: threading.Event | None = None, structure: Mapping[str, Any] | None = None
+                ) -> Iterator["Token | Done"]:
         """One request, run in the worker: its tokens, then Done. Raises the
         request's AnemllError, or WorkerDied if the process ends meanwhile."""
         from anemlld.runtime.engine import Done, Stats, Token  # plain dataclasses; numpy, no torch
 
         rid = next(self._ids)
         self._send({"op": "generate", "id": rid, "prompt": prompt, "messages": messages,
-                    "options": dict(options or {}), "session_id": session_id})
+                    "options": dict(options or {}), "session_id": session_id,
+                    "structure": dict(structure) if structure else None})
         cancelled = finished = False
         try:
             while not finished:
@@ -153,7 +158,8 @@ class Worker:
                     yield Token(message["text"], message["token_ids"])
                 elif kind == "done":
                     finished = True
-                    yield Done(message["text"], message["token_ids"], Stats(**message["stats"]))
+                    yield Done(message["text"], message["token_ids"], Stats(**message["stats"]),
+                               message.get("tool_calls"))
                 elif kind == "error":
                     finished = True
                     raise _error(message)
@@ -299,13 +305,13 @@ def _serve(channel: Channel, load: Mapping[str, Any]) -> None:
         try:
             for event in run_request(engine, cache, prompt=message["prompt"], messages=message["messages"],
                                      options=message["options"], session_id=message["session_id"],
-                                     cancel=cancels[rid]):
+                                     cancel=cancels[rid], structure=message.get("structure")):
                 if isinstance(event, Done):
                     if batch.ids or batch.text:
                         text, ids = batch.take()
                         channel.send({"ev": "tokens", "id": rid, "text": text, "token_ids": ids})
                     channel.send({"ev": "done", "id": rid, "text": event.text, "token_ids": event.token_ids,
-                                  "stats": event.stats.as_dict()})
+                                  "stats": event.stats.as_dict(), "tool_calls": event.tool_calls})
                 elif batch.add(event.text, event.token_ids):
                     text, ids = batch.take()
                     channel.send({"ev": "tokens", "id": rid, "text": text, "token_ids": ids})

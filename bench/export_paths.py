@@ -61,8 +61,7 @@ def child(route: str, folder: str, out: str) -> int:
     source = HFSource.open(folder)
     args = ARCHITECTURES["llama"].model_args(source.config)
     layers = range(args.num_hidden_layers)
-    shapes = export.Shapes(args.hidden_size, CTX, BATCH,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, CTX, args.head_dim))
+    shapes = export.Shapes(args.hidden_size, CTX, BATCH)
     out_dir = Path(out)
 
     def step(name, fn, *a):

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and exit instead of waiting")
     p.add_argument("--raw", action="store_true", help="send the text as it is, without the chat template")
     p.add_argument("--system", metavar="TEXT", help="the system prompt")
+    p.add_argument("--format", metavar="FILE.json", help="one answer as JSON following the JSON schema in FILE "
+                   "(decoding is constrained to it); 'json' for any JSON object")
 
     s = p.add_argument_group("sampling (default: the daemon's, greedy with max 256 tokens)")
     s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy")
@@ -94,12 +96,33 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("nothing to ask: standard input was empty; give the question with -p TEXT")
     if ns.json and not managing and ns.prompt is None:
         parser.error("--json needs a question: give it with -p TEXT or on standard input")
+    if ns.format is not None:
+        if managing or ns.prompt is None:
+            parser.error("--format is for one answer: give the question with -p TEXT or on standard input")
+        ns.format = _schema(ns.format, parser)
     for stream in (sys.stdout, sys.stderr):  # a token the terminal cannot show must not end the answer
         try:
             stream.reconfigure(errors="replace")
         except (AttributeError, ValueError):
             pass
     return run(ns, sys.stdout, sys.stderr)
+
+
+def _schema(path: str, parser: argparse.ArgumentParser) -> Any:
+    """--format's JSON schema, read from ``path`` ("json": any JSON object)."""
+    import json
+
+    if path == "json":
+        return "json"
+    try:
+        schema = json.loads(open(path, encoding="utf-8").read())
+    except OSError as e:
+        parser.error(f"--format: cannot read {path}: {e.strerror}")
+    except ValueError as e:
+        parser.error(f"--format: {path} is not JSON ({e}); it must hold a JSON schema")
+    if not isinstance(schema, dict):
+        parser.error(f"--format: {path} must hold a JSON schema (an object), not a {type(schema).__name__}")
+    return schema
 
 
 def _is_tty(stream: TextIO | None) -> bool:
@@ -195,6 +218,14 @@ def _chat(ns, conn, settings, out, err, json_out) -> int:
     else:
         system = [{"role": "system", "content": ns.system}] if ns.system else []
         fields = {"messages": system + [{"role": "user", "content": text}]}
+    if ns.format is not None:
+        known = conn.hello.get("capabilities") if conn.hello is not None else None
+        if known is not None and "generate.format" not in known:
+            from shared.errors import AnemllError
+
+            raise AnemllError("this anemlld does not know --format (structured output)",
+                              "update anemlld and restart it", code="bad_request")
+        fields["format"] = ns.format
     request = Generate(id=conn.next_id(), model=name, **fields, **options)
     answer = stream_answer(conn, request, out, err, json_out)
     if json_out is None:

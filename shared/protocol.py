@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,9 +42,11 @@ INT32_MAX = (1 << 31) - 1
 
 ERROR_CODES = ("bad_request", "unknown_op", "unsupported_version", "not_found", "busy", "too_large",
                "context_overflow", "model_failed", "internal")
-DONE_REASONS = ("stop", "length", "cancelled")
+DONE_REASONS = ("stop", "length", "cancelled", "tool_calls")
 MODEL_STATES = ("queued", "converting", "ready", "failed", "loaded")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("auto", "none", "required")  # or {"name": one of the tools}
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Statistics every generate `done` carries, besides done_reason.
 GENERATE_STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "prefill_ms", "decode_ms",
                   "load_ms", "tokens_per_s")
@@ -136,17 +139,88 @@ def _stop(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _messages(name: str, value: Any) -> tuple[dict[str, str], ...]:
+def _messages(name: str, value: Any) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _bad(f"field {name!r} must be a non-empty list of {{role, content}} maps, got {_show(value)}")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
-            raise _bad(f"{name}[{i}] must be a map with exactly the keys 'role' and 'content', got {_show(m)}")
+        where = f"{name}[{i}]"
+        if not isinstance(m, Mapping) or not {"role", "content"} <= set(m) <= {"role", "content", *_MESSAGE_EXTRAS}:
+            raise _bad(f"{where} must be a map with the keys 'role' and 'content' (an assistant's also "
+                       f"'tool_calls', a tool's 'tool_call_id'), got {_show(m)}")
         if m["role"] not in ROLES or not isinstance(m["content"], str):
-            raise _bad(f"{name}[{i}] needs role one of {', '.join(ROLES)} and a string content, got {_show(m)}")
-        out.append({"role": m["role"], "content": m["content"]})
+            raise _bad(f"{where} needs role one of {', '.join(ROLES)} and a string content, got {_show(m)}")
+        message: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+        for key in set(m) & set(_MESSAGE_EXTRAS):
+            if m["role"] != _MESSAGE_EXTRAS[key]:
+                raise _bad(f"{where}.{key} belongs to a message with role {_MESSAGE_EXTRAS[key]!r}")
+            message[key] = _tool_calls(f"{where}.{key}", m[key]) if key == "tool_calls" else \
+                _string(MAX_ID_CHARS)(f"{where}.{key}", m[key])
+        out.append(message)
     return tuple(out)
+
+
+_MESSAGE_EXTRAS = {"tool_calls": "assistant", "tool_call_id": "tool"}  # key -> the role it belongs to
+
+
+def _tool_calls(name: str, value: Any) -> list[dict[str, Any]]:
+    """An assistant's earlier calls: ``{id?, name, arguments}`` maps, arguments a map."""
+    if not isinstance(value, (list, tuple)):
+        raise _bad(f"{name} must be a list of {{name, arguments}} maps, got {_show(value)}")
+    out = []
+    for j, c in enumerate(value):
+        if not isinstance(c, Mapping) or not {"name", "arguments"} <= set(c) <= {"id", "name", "arguments"} \
+                or not isinstance(c["name"], str) or not isinstance(c["arguments"], Mapping):
+            raise _bad(f"{name}[{j}] must be a map of name (a string), arguments (a map) and an optional id, "
+                       f"got {_show(c)}")
+        call = {"name": c["name"], "arguments": dict(c["arguments"])}
+        if c.get("id") is not None:
+            call["id"] = _string(MAX_ID_CHARS)(f"{name}[{j}].id", c["id"])
+        out.append(call)
+    return out
+
+
+def _format(name: str, value: Any) -> str | dict[str, Any]:
+    """``"json"`` (any JSON object) or a JSON schema (a map); the schema is
+    compiled, and what it uses checked, where the model runs."""
+    if value == "json" or isinstance(value, Mapping):
+        return value if isinstance(value, str) else dict(value)
+    raise _bad(f"field {name!r} must be \"json\" or a JSON schema (a map), got {_show(value)}")
+
+
+def _tools(name: str, value: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI's tool list: ``{"type": "function", "function": {name, description?, parameters?}}``."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _bad(f"field {name!r} must be a non-empty list of tools, got {_show(value)}")
+    out, names = [], set()
+    for i, t in enumerate(value):
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        if not isinstance(t, Mapping) or t.get("type") != "function" or set(t) - {"type", "function"} \
+                or not isinstance(fn, Mapping):
+            raise _bad(f"{name}[{i}] must be {{\"type\": \"function\", \"function\": {{name, description, "
+                       f"parameters}}}}, got {_show(t)}")
+        unknown = set(fn) - {"name", "description", "parameters", "strict"}
+        if unknown:
+            raise _bad(f"{name}[{i}].function has no field {sorted(unknown)[0]!r}",
+                       "a function has name, description, parameters and strict")
+        if not isinstance(fn.get("name"), str) or not TOOL_NAME_RE.fullmatch(fn["name"]) or fn["name"] in names:
+            raise _bad(f"{name}[{i}].function.name must be a unique name of letters, digits, _ . - (at most 64), "
+                       f"got {_show(fn.get('name'))}")
+        if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), Mapping):
+            raise _bad(f"{name}[{i}].function needs a string description and a JSON schema (map) as parameters")
+        names.add(fn["name"])
+        out.append({"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters")
+                                                     if k in fn}})
+    return tuple(out)
+
+
+def _tool_choice(name: str, value: Any) -> str | dict[str, str]:
+    if value in TOOL_CHOICES:
+        return value
+    if isinstance(value, Mapping) and set(value) == {"name"} and isinstance(value["name"], str):
+        return {"name": value["name"]}
+    raise _bad(f"field {name!r} must be one of {', '.join(TOOL_CHOICES)} or {{\"name\": a tool's name}}, "
+               f"got {_show(value)}")
 
 
 def _model_name(name: str, value: Any) -> str:
@@ -256,10 +330,29 @@ class Generate(Request):
     seed: int | None = _arg(_int(0, UINT64_MAX), None)
     stop: tuple[str, ...] = _arg(_stop, ())
     keep_alive: float | None = _arg(_duration, None)  # seconds; FOREVER for -1
+    format: str | dict[str, Any] | None = _arg(_format, None)  # "json" or a JSON schema: the answer follows it
+    tools: tuple[dict[str, Any], ...] | None = _arg(_tools, None)  # through the chat template; calls in done
+    tool_choice: str | dict[str, str] | None = _arg(_tool_choice, None)  # default auto
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise _bad("generate needs exactly one of 'prompt' (raw text) or 'messages' (a chat)")
+        if (self.tools or self.tool_choice is not None) and self.messages is None:
+            raise _bad("tools need 'messages': the chat template renders them")
+        if self.tool_choice is not None and not self.tools:
+            raise _bad("tool_choice needs 'tools'")
+        if isinstance(self.tool_choice, dict) and self.tool_choice["name"] not in {
+                t["function"]["name"] for t in self.tools}:
+            raise _bad(f"tool_choice names {self.tool_choice['name']!r}, which is not in tools")
+        if self.format is not None and self.tools:
+            raise _bad("format together with tools is not implemented", "send either format or tools")
+
+    @property
+    def structure(self) -> dict[str, Any] | None:
+        """What the engine's guide needs (anemlld.runtime.tools.Structure), None for free text."""
+        if self.format is None and not self.tools:
+            return None
+        return {"format": self.format, "tools": list(self.tools or ()), "tool_choice": self.tool_choice}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,6 +397,9 @@ class Retry(Request):
 
 REQUESTS: dict[str, type[Request]] = {cls.op: cls for cls in (
     Hello, Models, Ps, Jobs, Watch, Generate, Cancel, Load, Unload, Pin, Convert, Retry)}
+# Optional request fields added after version 1 was written, as `hello` lists them
+# (a client sends one only to a daemon that lists it; docs/protocol.md, Versioning).
+FIELD_CAPABILITIES = ("generate.format", "generate.tools", "generate.tool_choice")
 
 
 def encode_request(request: Request) -> bytes:

@@ -1,7 +1,7 @@
 """What each architecture computes is what its config asks for: every config
 key that changes the computation and that the chosen architecture does not
 implement is refused at planning by name (even with --architecture forcing
-one), and Mistral's sliding window, applied through the engine's causal mask,
+one), and Mistral's sliding window, its K/V in a ring cache (32 slots here),
 matches transformers on sequences several times longer than the window."""
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_converted_models_with_a_window_of_8_match_transformers_over_40_tokens(c
     from anemlld.runtime.sampling import Sampler, SamplingParams
 
     src, engine = converted_engine
-    assert engine.layout.params["sliding_window"] == 8
+    assert engine.layout.params["sliding_window"] == 8 and engine.layout.ring_size == 32  # 8 + 16, whole batches
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     prompt = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
     session = engine.new_session()

@@ -79,6 +79,7 @@ class FakeDaemon:
     protocol: int = p.PROTOCOL_VERSION  # another number: answer everything unsupported_version
     mute: threading.Event = field(default_factory=threading.Event)  # set: hear nothing, say nothing (hung)
     http: str | None = None  # the HTTP base URL hello reports
+    capabilities: list[str] = field(default_factory=lambda: [*p.REQUESTS, *p.FIELD_CAPABILITIES])
 
     def __post_init__(self) -> None:
         self.requests: list[p.Request] = []
@@ -139,7 +140,7 @@ class FakeDaemon:
         send = lambda event, **f: self._send(sock, peer, req.id, event, **f)  # noqa: E731
         if isinstance(req, p.Hello):
             send("hello", server="anemlld", version="0.1.0", protocol=p.PROTOCOL_VERSION,
-                 capabilities=list(p.REQUESTS), max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES, http=self.http)
+                 capabilities=self.capabilities, max_frame_bytes=p.DEFAULT_MAX_FRAME_BYTES, http=self.http)
         elif isinstance(req, p.Models):
             send("models", models=self.models)
         elif isinstance(req, p.Ps):
@@ -263,6 +264,24 @@ def test_question_on_stdin_is_answered_with_the_sampling_options_given(home):
     (gen,) = d.of(p.Generate)
     assert (gen.temperature, gen.seed) == (0.7, 42)
     assert gen.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"})
+
+
+def test_format_sends_the_schema_file_and_a_bad_file_is_refused_before_sending(home, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "broken.json").write_text("{nope")
+    with daemon(home) as d:
+        out = chat(home, "pico", "--format", str(tmp_path / "schema.json"), "-p", "ok?")
+        broken = chat(home, "pico", "--format", str(tmp_path / "broken.json"), "-p", "ok?")
+        no_question = chat(home, "--list", "--format", "json")
+    with daemon(home, capabilities=list(p.REQUESTS)) as old:  # an anemlld from before structured output
+        refused = chat(home, "pico", "--format", str(tmp_path / "schema.json"), "-p", "ok?")
+    assert refused.returncode == 2 and "does not know --format" in refused.stderr and not old.of(p.Generate)
+    assert out.returncode == 0
+    (gen,) = d.of(p.Generate)
+    assert gen.format == schema and gen.messages[-1]["content"] == "ok?"
+    assert broken.returncode == 2 and "broken.json is not JSON" in broken.stderr
+    assert no_question.returncode == 2 and "--format is for one answer" in no_question.stderr
 
 
 def test_stats_line_goes_to_stderr_so_the_answer_stays_clean(home):

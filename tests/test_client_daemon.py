@@ -39,6 +39,20 @@ def test_one_shot_answer_and_its_json_events(served):
     assert events[-1]["done_reason"] == "length" and events[-1]["completion_tokens"] == 5
 
 
+def test_format_gives_json_that_validates_through_the_socket_and_the_worker(served, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"tool": {"enum": ["tar", "ls"]},
+                                               "flags": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                                                         "maxItems": 3}},
+              "required": ["tool", "flags"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = chat(served.home, "tiny", "--format", str(tmp_path / "schema.json"), "-p", "What does tar do?",
+               "--max-tokens", "60")
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), schema)
+
+
 def test_list_ps_and_jobs_show_the_daemons_state(served):
     chat(served.home, "tiny", "-p", "hi", "--max-tokens", "2")  # loaded now
     listing = chat(served.home, "--list")

@@ -87,12 +87,18 @@ def test_chunks_carry_infer_and_prefill_over_one_kv_state(arch, converted):
         for fn in desc.functions:
             seq = 1 if fn.name == "infer" else BATCH
             inputs = {x.name: array_shape(x) for x in fn.input}
-            assert inputs == {"hidden_states": (1, seq, hidden), "position_ids": (seq,),
-                              "causal_mask": (1, 1, seq, CTX), "current_pos": (1,)}
+            want = {"hidden_states": (1, seq, hidden), "position_ids": (seq,),
+                    "causal_mask": (1, 1, seq, CTX), "current_pos": (1,)}
+            slots = CTX
+            if cfg.get("sliding_window"):  # Mistral's window of 4: every layer in a ring of 2 batches
+                del want["causal_mask"], want["current_pos"]
+                want.update(local_mask=(1, 1, seq, 2 * BATCH), ring_pos=(1,))
+                slots = 2 * BATCH
+            assert inputs == want
             assert [o.name for o in fn.output] == ["output_hidden_states"]
             (state,) = fn.state
-            assert state.name == STATE
-            assert tuple(state.type.stateType.arrayType.shape) == (2 * layers, kv_heads, CTX, head_dim)
+            assert state.name == (STATE if slots == CTX else "model_model_kv_cache_local")
+            assert tuple(state.type.stateType.arrayType.shape) == (2 * layers, kv_heads, slots, head_dim)
             assert state.type.stateType.arrayType.dataType == 65552  # FLOAT16
             ops = op_types(spec, fn.name)
             # every projection weight is a 4-bit LUT: one lut_to_dense per conv
@@ -221,7 +227,7 @@ def test_combined_chunk_stores_shared_weights_once(tmp_path):
     from anemlld.convert import lut
 
     lm = build("llama", args, layers=range(1), embeddings=False, lm_head=False, context_length=CTX)
-    shapes = export.Shapes(512, CTX, BATCH, (2, 8, CTX, 64))
+    shapes = export.Shapes(512, CTX, BATCH)
     lut.quantize_module(lm, 4, 16, nn.Conv2d)
     paths = {}
     for fn, prefill in (("infer", False), ("prefill", True)):

@@ -34,10 +34,14 @@ def test_coreml_executor_says_why_it_cannot_run_here(tiny_converted):
 
 def test_ffn_arguments_have_the_names_dtypes_and_shapes_of_the_packages():
     mask = np.zeros((1, 1, 4, 64), dtype=np.float32)
-    args = executors._ffn_inputs(np.zeros((1, 4, 8), np.float16), np.arange(3, 7), mask, 3)
-    assert set(args) == {"hidden_states", "position_ids", "causal_mask", "current_pos"}
+    step = {"position_ids": np.arange(3, 7), "causal_mask": mask, "current_pos": np.array([3]),
+            "local_mask": mask[..., :12], "ring_pos": np.array([3])}
+    args = executors._ffn_inputs(np.zeros((1, 4, 8), np.float16), step)
+    assert set(args) == {"hidden_states", "position_ids", "causal_mask", "current_pos", "local_mask", "ring_pos"}
     assert args["position_ids"].dtype == np.int32 and args["causal_mask"].dtype == np.float16
+    assert args["local_mask"].dtype == np.float16 and args["local_mask"].shape == (1, 1, 4, 12)
     assert args["current_pos"].tolist() == [3] and args["current_pos"].dtype == np.int32
+    assert args["ring_pos"].dtype == np.int32
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,26 @@ def test_a_zero_state_pool_hands_out_fresh_states_and_keeps_none():
     session.tokens = [1, 2, 3]
     cache.put(session, "s1")
     assert len(cache) == 0 and cache.take([1, 2, 3], "s1") is not session
+
+
+def test_a_ring_state_counts_only_the_prefix_its_ring_can_continue_from():
+    """Sliding-window layers keep their K/V in a ring (16 slots, window 4
+    here): a state holding 40 tokens has lost positions 0..23, so a prompt
+    sharing its first 26 tokens can reuse none of them (the 26th token needs
+    positions 23..25), and a state holding the first 20 tokens wins with 20."""
+    from anemlld.runtime.attention import Ring
+
+    def ringed(n: int) -> Session:
+        ring = Ring(16, 4)
+        for pos in range(n):
+            ring.write(pos, 1)
+        return Session(None, list(range(n)), ring)
+
+    made = States()
+    cache = PrefixCache(made, max_states=8, max_bytes=1 << 30)
+    longer, shorter = ringed(40), ringed(20)
+    cache.put(longer, None)
+    cache.put(shorter, None)
+    prompt = list(range(26)) + [99, 98]
+    assert cache.take(prompt) is shorter
+    assert cache.take(list(range(30)) + [99]) is longer  # 30 >= 27: its window is held

@@ -123,7 +123,8 @@ def test_hello_models_and_ps_answer_with_one_event_named_like_the_op(start):
     hello = c.ask("hello", client="test 1")
     assert hello.event == "hello" and hello["protocol"] == 1 and hello["server"] == "anemlld"
     assert hello["capabilities"] == ["hello", "models", "ps", "jobs", "watch", "generate", "cancel",
-                                     "load", "unload", "pin"]  # no jobs here: no convert, retry
+                                     "load", "unload", "pin",  # no jobs here: no convert, retry
+                                     "generate.format", "generate.tools", "generate.tool_choice"]
     assert hello["max_frame_bytes"] == d.settings.max_frame_bytes
     models = c.ask("models")
     assert [(m["name"], m["state"], m["size_bytes"]) for m in models["models"]] == [
@@ -475,7 +476,7 @@ def test_jobs_convert_and_retry_go_to_jobs(start, tmp_path):
     jobs = FakeJobs()
     d = start(jobs=jobs)
     c = d.client()
-    assert c.ask("hello")["capabilities"][-2:] == ["convert", "retry"]
+    assert c.ask("hello")["capabilities"][-5:-3] == ["convert", "retry"]
     [job] = c.ask("jobs")["jobs"]
     assert job["source"] == "/drop/qwen"
     ok = c.ask("convert", path=str(tmp_path), name="qwen", options={"context_length": 1024})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -71,6 +72,7 @@ class Recorder:
 
     def __init__(self, on_token=None):
         self.tokens: list[int] = []
+        self.text = ""
         self.finished = threading.Event()
         self.fields: dict | None = None
         self.failure = None
@@ -81,6 +83,7 @@ class Recorder:
 
     def token(self, text, token_ids):
         self.tokens.extend(token_ids)
+        self.text += text
         if self.on_token is not None:
             self.on_token(self)
 
@@ -184,6 +187,40 @@ def test_a_worker_that_dies_on_every_load_leaves_the_model_failed_after_3_tries(
     entry = service.registry.get("crashy")
     assert entry.state == "loaded" and entry.error is None
     service.unload("crashy")
+
+
+def test_schemas_and_tool_calls_are_guided_in_the_worker_and_a_bad_schema_is_bad_request(converted, tmp_path):
+    import jsonschema
+
+    from tests import tool_templates
+    from tests.test_structured import SCHEMAS, TOOLS
+
+    tools_model = tool_templates.use_template(shutil.copytree(converted, tmp_path / "tools"), tool_templates.HERMES)
+    settings = dataclasses.replace(Settings.load(home=tmp_path / "home"), memory_budget=0)
+    registry = Registry()
+    registry.upsert("tiny", state="ready", path=str(converted), size_bytes=1 << 20)
+    registry.upsert("tools", state="ready", path=str(tools_model), size_bytes=1 << 20)
+    residency = Residency(settings, registry)
+    service = Service(settings, registry, residency)
+    hi = [{"role": "user", "content": "hi"}]
+    try:
+        for schema in SCHEMAS[:4]:
+            rec = Recorder()
+            service.generate(protocol.Generate(id="s", model="tiny", messages=hi, max_tokens=80, format=schema), rec)
+            jsonschema.validate(json.loads(finished(rec).text), schema)
+        rec = Recorder()
+        service.generate(protocol.Generate(id="t", model="tools", messages=hi, max_tokens=80, tools=TOOLS,
+                                           tool_choice="required"), rec)
+        (call,) = finished(rec).fields["tool_calls"]
+        assert rec.fields["done_reason"] == "tool_calls" and rec.text == ""
+        jsonschema.validate(call["arguments"], {t["function"]["name"]: t["function"]["parameters"]
+                                                for t in TOOLS}[call["name"]])
+        rec = Recorder()
+        service.generate(protocol.Generate(id="b", model="tiny", messages=hi, format={"if": {}}), rec)
+        assert finished(rec).failure.code == "bad_request" and '"if"' in finished(rec).failure.message
+        assert {r["name"] for r in service.ps()} == {"tiny", "tools"}  # one worker each: no compile waits on another
+    finally:
+        residency.stop()
 
 
 def test_stopping_residency_ends_every_worker(service):

@@ -23,7 +23,6 @@ from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "model.model.kv_cache_0"
 INFER, PREFILL = "infer", "prefill"
 
 
@@ -76,7 +75,6 @@ class Shapes:
     hidden: int
     context: int
     batch: int
-    kv: tuple[int, int, int, int]
 
 
 class EmbeddingsPart(nn.Module):
@@ -89,16 +87,19 @@ class EmbeddingsPart(nn.Module):
 
 
 class ChunkPart(nn.Module):
-    """One function of an FFN chunk. The wrapper's ``model.`` plus the body's
-    ``model.`` give the state its ANEMLL name, ``model.model.kv_cache_0``."""
+    """One function of an FFN chunk, taking ``hidden_states``,
+    ``position_ids`` and then the inputs named ``names``. The wrapper's
+    ``model.`` plus the body's ``model.`` give the states their ANEMLL names
+    (``model.model.kv_cache_0``)."""
 
-    def __init__(self, lm: AneLM, prefill: bool):
+    def __init__(self, lm: AneLM, prefill: bool, names: list[str]):
         super().__init__()
         self.model = lm
         self.prefill = prefill
+        self.names = names
 
-    def forward(self, hidden_states, position_ids, causal_mask, current_pos):
-        return self.model.layers_forward(hidden_states, position_ids, causal_mask, current_pos,
+    def forward(self, hidden_states, position_ids, *step):
+        return self.model.layers_forward(hidden_states, position_ids, **dict(zip(self.names, step)),
                                          last_only=self.prefill)
 
 
@@ -168,8 +169,8 @@ def _trace_dtype(lm: AneLM) -> tuple[AneLM, torch.dtype]:
     biased = any(isinstance(m, nn.Conv2d) and m.bias is not None for m in lm.modules())
     dtype = torch.float32 if biased else torch.float16
     lm = lm.to(dtype)
-    if hasattr(lm.model, "kv_cache_0"):
-        lm.model.kv_cache_0 = lm.model.kv_cache_0.half()
+    for name, kv in lm.caches().items():
+        setattr(lm.model, name, kv.half())
     return lm, dtype
 
 
@@ -185,31 +186,35 @@ def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
 def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
     ct = _ct()
     lm, dtype = _trace_dtype(lm)
+    example, inputs, names, states = chunk_interface(ct, lm, shapes, prefill, dtype)
+    traced = _trace(ChunkPart(lm, prefill, names), tuple(example))
+    lm.reset_cache()  # tracing ran the model once; the state must start empty
+    return _convert(traced, inputs, chunk_outputs(ct), states, lut)
+
+
+def chunk_interface(ct, lm: AneLM, shapes: Shapes, prefill: bool, dtype: torch.dtype):
+    """A chunk function's example inputs to trace with, their input types,
+    the names of the step inputs after ``hidden_states`` and
+    ``position_ids`` (``ChunkPart``'s ``names``), and its states."""
     seq = shapes.batch if prefill else 1
     positions = torch.arange(seq, dtype=torch.int32)
-    example = (torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions,
-               causal_mask(positions, shapes.context, dtype), torch.zeros(1, dtype=torch.int32))
-    traced = _trace(ChunkPart(lm, prefill), example)
-    lm.reset_cache()  # tracing ran the model once; the state must start empty
-    return _convert(traced, chunk_inputs(ct, shapes, seq), chunk_outputs(ct), chunk_states(ct, shapes), lut)
-
-
-def chunk_inputs(ct, shapes: Shapes, seq: int) -> list:
-    """A chunk function's inputs, ``seq`` rows at a time (1: infer)."""
-    return [
+    example = [torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions]
+    inputs = [
         ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16),
         ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
-        ct.TensorType(name="causal_mask", shape=(1, 1, seq, shapes.context), dtype=np.float16),
-        ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32),
     ]
+    step = lm.step_inputs(seq)
+    for name, shape in step.items():
+        mask = name.endswith("_mask")
+        example.append(causal_mask(positions, shape[-1], dtype) if mask else torch.zeros(shape, dtype=torch.int32))
+        inputs.append(ct.TensorType(name=name, shape=shape, dtype=np.float16 if mask else np.int32))
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(kv.shape), dtype=np.float16),
+                           name=f"model.model.{name}") for name, kv in lm.caches().items()]
+    return example, inputs, list(step), states
 
 
 def chunk_outputs(ct) -> list:
     return [ct.TensorType(name="output_hidden_states", dtype=np.float16)]
-
-
-def chunk_states(ct, shapes: Shapes) -> list:
-    return [ct.StateType(wrapped_type=ct.TensorType(shape=shapes.kv, dtype=np.float16), name=STATE_NAME)]
 
 
 def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None):

@@ -23,7 +23,7 @@ from torch import nn
 
 from anemlld.convert import estimate, export, lut, program
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
-from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, sliding_window, split_sizes,
+from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
 from anemlld.convert.source import HFSource, detect_architecture, fingerprint
 from shared.errors import AnemllError, BadInput
@@ -62,6 +62,12 @@ class Plan:
     @property
     def num_chunks(self) -> int:
         return len(self.chunk_ranges)
+
+    @property
+    def ring(self) -> int | None:
+        """Slots of the sliding-window layers' ring cache, None without such layers."""
+        window = self.args.sliding_window
+        return None if window is None else ring_size(window, self.options.batch_size, self.options.context_length)
 
 
 @dataclass
@@ -129,9 +135,9 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
     source = HFSource.open(src_dir)
     arch = options.architecture or detect_architecture(source.config)
     module = ARCHITECTURES[arch]
-    args = module.model_args(source.config)
     refuse_unimplemented(source.config, arch, options.context_length,
                          windows=getattr(module, "SLIDING_WINDOW", False))
+    args = module.model_args(source.config).within(options.context_length)
     check_checkpoint(arch, args, source)
     n = choose_chunks(args, options)
     prefix = options.prefix or module.PREFIX
@@ -244,8 +250,7 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     st = _Stages(progress, total, estimate.estimate(p).seconds)
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
 
-    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size,
-                           (2 * args.num_hidden_layers, args.num_key_value_heads, o.context_length, args.head_dim))
+    shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size)
     try:
         _build_end(p, shapes, work, st, emb_w, quant(o.lut_embeddings), head=False)
         for i, layers in enumerate(p.chunk_ranges):
@@ -314,7 +319,7 @@ def _loaded(p: Plan, st: _Stages, name: str, **part) -> AneLM:
     """The torch model of one part with its checkpoint weights; nothing of
     the checkpoint stays mapped afterwards."""
     with weights_loaded_later():
-        lm = build(p.architecture, p.args, context_length=p.options.context_length, **part)
+        lm = build(p.architecture, p.args, context_length=p.options.context_length, ring=p.ring, **part)
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
     p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     return lm
@@ -352,7 +357,7 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     # Read and quantized once, one weight at a time, for both functions
     # (infer and prefill), which are built and saved as one package.
     chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
-                   p.options.context_length, p.source.get, p.source.close)
+                   p.options.context_length, p.source.get, p.source.close, p.ring)
     st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.lut_group_size)
     model = st.run("export", name, 2 * w, chunk.export_combined, shapes)
     del chunk
@@ -393,9 +398,11 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "update_mask_prefill": False,
         "lut_group_size": o.lut_group_size,
     }
-    window = sliding_window(p.source.config, o.context_length)
-    if window is not None:  # every layer's window, applied by the engine's causal mask
-        params["sliding_window"] = window
+    if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
+        windows = args.layer_windows
+        params.update(sliding_window=args.sliding_window, ring_size=p.ring,
+                      local_layers=[i for i, w in enumerate(windows) if w is not None],
+                      global_layers=[i for i, w in enumerate(windows) if w is None])
     for part, bits in (("embeddings", o.lut_embeddings), ("ffn", o.lut_ffn), ("lmhead", o.lut_lm_head)):
         if bits:
             params[f"lut_{part}_per_channel"] = o.lut_group_size

@@ -29,7 +29,7 @@ from torch import nn
 
 from anemlld.convert import export, lut
 from anemlld.convert.models import build
-from anemlld.convert.models.base import AneLM, ModelArgs, causal_mask, weights_loaded_later
+from anemlld.convert.models.base import AneLM, ModelArgs, weights_loaded_later
 from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,16 @@ class Weight:
 
 class LiftedChunk(export.ChunkPart):
     """``ChunkPart`` whose projection weights are inputs of ``forward``
-    after the four activations, in the order of ``convs``."""
+    after the step inputs ``names``, in the order of ``convs``."""
 
-    def __init__(self, lm: AneLM, prefill: bool, convs: list[nn.Conv2d]):
-        super().__init__(lm, prefill)
+    def __init__(self, lm: AneLM, prefill: bool, names: list[str], convs: list[nn.Conv2d]):
+        super().__init__(lm, prefill, names)
         self.convs = convs
 
-    def forward(self, hidden_states, position_ids, causal_mask, current_pos, *weights):
+    def forward(self, hidden_states, position_ids, *rest):
+        step, weights = rest[:len(self.names)], rest[len(self.names):]
         with _lifted(self.convs, weights):
-            return super().forward(hidden_states, position_ids, causal_mask, current_pos)
+            return super().forward(hidden_states, position_ids, *step)
 
 
 @contextmanager
@@ -115,13 +116,14 @@ class DirectChunk:
     those weights read (and quantized) one at a time from ``get``."""
 
     def __init__(self, architecture: str, args: ModelArgs, layers: range, context_length: int,
-                 get: Callable[[str], torch.Tensor], release: Callable[[], None] | None = None):
+                 get: Callable[[str], torch.Tensor], release: Callable[[], None] | None = None,
+                 ring: int | None = None):
         """``release`` (optional) unmaps the checkpoint: called after each
         weight is read, so that its pages do not stay resident with the
-        quantized chunk."""
+        quantized chunk. ``ring``: as ``AneLM``'s."""
         with weights_loaded_later():
             lm = build(architecture, args, layers=layers, embeddings=False, lm_head=False,
-                       context_length=context_length)
+                       context_length=context_length, ring=ring)
         # names as ChunkPart sees them: its ``model.`` before the model's own
         self.convs = {f"model.{name}.weight": m for name, m in lm.named_modules() if isinstance(m, nn.Conv2d)}
         self.shapes = {name: tuple(m.weight.shape) for name, m in self.convs.items()}
@@ -190,20 +192,16 @@ class DirectChunk:
     def _program(self, ct, shapes: export.Shapes, prefill: bool):
         lm, dtype = self.lm, self.dtype
         names = list(self.convs)
-        seq = shapes.batch if prefill else 1
-        positions = torch.arange(seq, dtype=torch.int32)
-        example = (torch.zeros(1, seq, shapes.hidden, dtype=dtype), positions,
-                   causal_mask(positions, shapes.context, dtype), torch.zeros(1, dtype=torch.int32))
+        example, inputs, step, states = export.chunk_interface(ct, lm, shapes, prefill, dtype)
         placeholders = tuple(torch.zeros((), dtype=dtype).expand(self.shapes[n]) for n in names)
-        part = LiftedChunk(lm, prefill, [self.convs[n] for n in names])
-        traced = export._trace(part, example + placeholders)
+        part = LiftedChunk(lm, prefill, step, [self.convs[n] for n in names])
+        traced = export._trace(part, tuple(example) + placeholders)
         lm.reset_cache()
-        inputs = export.chunk_inputs(ct, shapes, seq) + [
-            ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
+        inputs += [ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
         with warnings.catch_warnings(), validated_once():
             warnings.simplefilter("ignore")
             prog = ct.convert(traced, convert_to="milinternal", inputs=inputs, outputs=export.chunk_outputs(ct),
-                              states=export.chunk_states(ct, shapes), minimum_deployment_target=ct.target.iOS18,
+                              states=states, minimum_deployment_target=ct.target.iOS18,
                               compute_precision=ct.precision.FLOAT16)
         prog.validate(check_essential_scope=True)
         self._put_weights(prog, names)

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from anemlld.http import bridge
 from anemlld.http.bridge import ApiError, take
+from anemlld.runtime.tools import form_of
 
 # Several Ollama clients refuse a server older than this (VS Code's provider
 # asks for at least 0.6.4); it is the oldest version whose API we cover.
@@ -35,8 +36,7 @@ UNSUPPORTED_OPTIONS = {k: "this sampler is not implemented (temperature, top_k, 
                        "presence_penalty, frequency_penalty are)"
                        for k in ("min_p", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
                                  "repeat_last_n", "penalize_newline", "num_keep", "num_gqa")}
-UNSUPPORTED = {"format": "structured output (format) is not implemented yet",
-               "tools": "tool calls are not implemented yet", "images": "this model reads text only",
+UNSUPPORTED = {"images": "this model reads text only",
                "suffix": "fill-in-the-middle (suffix) is not implemented",
                "template": "the model's own chat template is used; overriding it is not implemented",
                "context": "the deprecated context array is not implemented; send the conversation with /api/chat "
@@ -46,7 +46,7 @@ UNSUPPORTED = {"format": "structured output (format) is not implemented yet",
 CHAT_FIELDS = ("model", "messages", "stream", "options", "keep_alive", "format", "tools", "think")
 GENERATE_FIELDS = ("model", "prompt", "system", "stream", "raw", "options", "keep_alive", "format", "images",
                    "suffix", "template", "context", "think")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def routes(service: Any, max_body: int) -> list[Route]:
@@ -109,7 +109,8 @@ class Ollama:
                           "anemll.split_lm_head": params.get("split_lm_head")}
             return JSONResponse({"license": "", "modelfile": "", "parameters": parameters,
                                  "template": info["chat_template"], "details": self._details(info),
-                                 "model_info": model_info, "capabilities": ["completion"],
+                                 "model_info": model_info,
+                                 "capabilities": ["completion"] + (["tools"] if form_of(info["chat_template"]) else []),
                                  "modified_at": _iso(info["modified_at"] or 0)})
         except Exception as e:
             return error_response(ApiError.of(e))
@@ -149,8 +150,10 @@ class Ollama:
             if body.get("messages" if chat else "prompt") in (None, [], ""):
                 return await self._load_or_unload(name, shown_name, keep_alive, chat)
             fields = self._options(body, name)
+            fields["format"] = _format(body.get("format"))
             if chat:
                 fields["messages"] = _messages(body.get("messages"))
+                fields["tools"] = take(body, "tools", list) or None
             else:
                 fields.update(_prompt(body))
             req = bridge.build_generate("ollama-" + secrets.token_hex(8), {v: f"options.{k}" for k, v in OPTIONS.items()},
@@ -216,7 +219,9 @@ class Ollama:
                 return
             done = bridge.done_of(events)
             if done is not None:
-                yield _line(reply.final(done))
+                if done.get("tool_calls"):
+                    yield _line(reply.part("", done["tool_calls"]))
+                yield _line(reply.final({**done, "tool_calls": None}))
                 return
 
 
@@ -224,16 +229,22 @@ class _Reply:
     def __init__(self, model: str, chat: bool, t0: float):
         self.model, self.chat, self.t0 = model, chat, t0
 
-    def _content(self, text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
+    def _content(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        if not self.chat:
+            return {"response": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:  # Ollama's form: arguments as an object
+            message["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        return {"message": message}
 
-    def part(self, text: str) -> dict[str, Any]:
-        return {"model": self.model, "created_at": _iso(time.time()), **self._content(text), "done": False}
+    def part(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"model": self.model, "created_at": _iso(time.time()), **self._content(text, calls), "done": False}
 
     def final(self, done: dict[str, Any], text: str = "") -> dict[str, Any]:
         ns = 1_000_000
-        return {"model": self.model, "created_at": _iso(time.time()), **self._content(text), "done": True,
-                "done_reason": done.get("done_reason", "stop"),
+        reason = done.get("done_reason", "stop")
+        return {"model": self.model, "created_at": _iso(time.time()), **self._content(text, done.get("tool_calls")),
+                "done": True, "done_reason": "stop" if reason == "tool_calls" else reason,  # as Ollama says it
                 "total_duration": int((time.perf_counter() - self.t0) * 1e9),
                 "load_duration": int(float(done.get("load_ms", 0)) * ns),
                 "prompt_eval_count": int(done.get("prompt_tokens", 0)),
@@ -255,7 +266,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 def _refuse_set(body: dict[str, Any]) -> None:
     """Known fields accepted only when they ask for nothing: false, empty or absent."""
-    for key in ("format", "tools", "images", "suffix", "template", "context", "think"):
+    for key in ("images", "suffix", "template", "context", "think"):
         if body.get(key) not in (None, False, "", []):
             raise ApiError(400, f"{key} is not supported: {UNSUPPORTED[key]}", param=key, code="unsupported_field")
 
@@ -269,22 +280,46 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object with role and content", param=where)
         bridge.refuse_unknown(m, ("role", "content", "images", "tool_calls", "thinking"), f"{where}.")
-        for key in ("images", "tool_calls", "thinking"):
+        for key in ("images", "thinking"):
             if m.get(key) not in (None, [], ""):
-                why = {"images": "this model reads text only", "tool_calls": "tool calls are not implemented yet",
-                       "thinking": "thinking mode is not implemented"}[key]
+                why = {"images": "this model reads text only", "thinking": "thinking mode is not implemented"}[key]
                 raise ApiError(400, f"{where}.{key} is not supported: {why}", param=f"{where}.{key}")
         role, content = m.get("role"), m.get("content", "")
-        if role == "tool":
-            raise ApiError(400, f"{where}.role 'tool' needs tool calls, which are not implemented yet",
-                           param=f"{where}.role")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
                            param=f"{where}.role")
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string", param=f"{where}.content")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.get("tool_calls") and role == "assistant":
+            message["tool_calls"] = _earlier_calls(m["tool_calls"], f"{where}.tool_calls")
+        out.append(message)
     return out
+
+
+def _earlier_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's calls from an earlier turn: ``{"function": {"name", "arguments": {...}}}``."""
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list of tool calls", param=where)
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", {}), dict):
+            raise ApiError(400, f"{where}[{j}] must be {{function: {{name, arguments (an object)}}}}",
+                           param=f"{where}[{j}]")
+        out.append({"id": f"call_{j}", "name": fn["name"], "arguments": fn.get("arguments", {})})
+    return out
+
+
+def _format(value: Any) -> str | dict[str, Any] | None:
+    """Ollama's format: "json", a JSON schema, or absent/empty for text."""
+    if value in (None, ""):
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise ApiError(400, f"format must be \"json\" or a JSON schema (an object), got {json.dumps(value)[:60]}",
+                   param="format")
 
 
 def _prompt(body: dict[str, Any]) -> dict[str, Any]:

@@ -19,15 +19,12 @@ from anemlld.http.guard import error_body
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
 COMMON = ("model", "max_tokens", "max_completion_tokens", "stream", "stream_options", "stop", "n", "user",
           "logprobs") + SAMPLING
-CHAT_FIELDS = COMMON + ("messages", "tools", "response_format")
+CHAT_FIELDS = COMMON + ("messages", "tools", "tool_choice", "parallel_tool_calls", "response_format")
 COMPLETION_FIELDS = COMMON + ("prompt", "echo", "best_of")
 UNSUPPORTED = {
-    "tools": "tool calls are not implemented yet; send the request without tools",
-    "tool_choice": "tool calls are not implemented yet; send the request without tools",
-    "functions": "function calls are not implemented; send the request without them",
-    "function_call": "function calls are not implemented; send the request without them",
-    "parallel_tool_calls": "tool calls are not implemented yet",
-    "response_format": "only {\"type\": \"text\"} is implemented; JSON mode and schemas are not yet",
+    "functions": "the deprecated functions field is not implemented; send tools instead",
+    "function_call": "the deprecated function_call field is not implemented; send tool_choice instead",
+    "parallel_tool_calls": "a reply forced to call a tool calls exactly one; false is not implemented",
     "logit_bias": "logit biases are not implemented",
     "logprobs": "log probabilities are not implemented",
     "top_logprobs": "log probabilities are not implemented",
@@ -43,8 +40,8 @@ UNSUPPORTED = {
     "web_search_options": "web search is not implemented",
     "min_p": "min_p sampling is not implemented (top_k, top_p, temperature are)",
 }
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {"stop": "stop", "length": "length"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def routes(service: Any, max_body: int) -> list[Route]:
@@ -122,7 +119,7 @@ class OpenAI:
             raise ApiError(400, "max_tokens and max_completion_tokens disagree: send one of them",
                            param="max_completion_tokens", code="bad_request")
         shown = {"max_tokens": "max_completion_tokens" if limits["max_completion_tokens"] is not None
-                 else "max_tokens"}
+                 else "max_tokens", "format": "response_format"}
         fields["max_tokens"] = limits["max_completion_tokens"] if limits["max_completion_tokens"] is not None \
             else limits["max_tokens"]
         stop = body.get("stop")
@@ -130,6 +127,9 @@ class OpenAI:
             fields["stop"] = [stop] if isinstance(stop, str) else stop
         if chat:
             fields["messages"] = _messages(body.get("messages"))
+            fields["format"] = _response_format(body.get("response_format"))
+            fields["tools"] = body.get("tools") or None
+            fields["tool_choice"] = _tool_choice(body.get("tool_choice"))
         else:
             fields["prompt"] = _prompt(body.get("prompt"))
         stream = take(body, "stream", bool) or False
@@ -164,6 +164,8 @@ class OpenAI:
                 return
             done = bridge.done_of(events)
             if done is not None:
+                if done.get("tool_calls"):
+                    yield _sse(reply.chunk(calls=done["tool_calls"]))
                 yield _sse(reply.chunk(finish=FINISH.get(done["done_reason"], "stop")))
                 if reply.include_usage:
                     yield _sse(reply.usage_chunk(done))
@@ -183,11 +185,14 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": "anemlld"}
 
-    def chunk(self, text: str = "", role: bool = False, finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, text: str = "", role: bool = False, finish: str | None = None,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls(calls))]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             out = {**self._base("chat.completion.chunk"), "choices": [choice]}
         else:
@@ -204,8 +209,10 @@ class _Reply:
     def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
         finish = FINISH.get(done.get("done_reason", "stop"), "stop")
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if done.get("tool_calls"):
+                message.update(content=text or None, tool_calls=tool_calls(done["tool_calls"]))
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return {**self._base("chat.completion"), "choices": [choice], "usage": usage(done)}
         return {**self._base("text_completion"),
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
@@ -216,6 +223,13 @@ def usage(done: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = int(done.get("prompt_tokens", 0)), int(done.get("completion_tokens", 0))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": int(done.get("cached_tokens", 0))}}
+
+
+def tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The protocol's calls as OpenAI writes them: arguments as a JSON string."""
+    return [{"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -229,13 +243,45 @@ def _refuse_unless_default(body: dict[str, Any]) -> None:
         if key in body and body[key] not in (None, default):
             raise ApiError(400, f"{key} = {json.dumps(body[key])} is not supported: {UNSUPPORTED[key]}",
                            param=key, code="unsupported_field")
-    if body.get("tools") not in (None, []):
-        raise ApiError(400, f"tools is not supported: {UNSUPPORTED['tools']}", param="tools",
-                       code="unsupported_field")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, f"response_format is not supported: {UNSUPPORTED['response_format']}",
-                       param="response_format", code="unsupported_field")
+    if body.get("parallel_tool_calls") not in (None, True):
+        raise ApiError(400, f"parallel_tool_calls = false is not supported: {UNSUPPORTED['parallel_tool_calls']}",
+                       param="parallel_tool_calls", code="unsupported_field")
+
+
+def _response_format(value: Any) -> str | dict[str, Any] | None:
+    """response_format as the protocol's format: None (text), "json" or the schema."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        bridge.refuse_unknown(value, ("type",), "response_format.")
+        return None
+    if kind == "json_object":
+        bridge.refuse_unknown(value, ("type",), "response_format.")
+        return "json"
+    if kind == "json_schema":
+        bridge.refuse_unknown(value, ("type", "json_schema"), "response_format.")
+        spec = take(value, "json_schema", dict, "response_format.") or {}
+        bridge.refuse_unknown(spec, ("name", "description", "schema", "strict"), "response_format.json_schema.")
+        take(spec, "strict", bool, "response_format.json_schema.")  # the schema is always enforced
+        schema = take(spec, "schema", dict, "response_format.json_schema.")
+        if schema is None:
+            raise ApiError(400, "response_format.json_schema.schema is missing: send the JSON schema the answer "
+                           "must follow", param="response_format.json_schema.schema", code="bad_request")
+        return schema
+    raise ApiError(400, f"response_format.type must be text, json_object or json_schema, got "
+                   f"{json.dumps(kind)}", param="response_format.type", code="bad_request")
+
+
+def _tool_choice(value: Any) -> str | dict[str, str] | None:
+    """tool_choice as the protocol's: auto, none, required or {"name": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    fn = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, "tool_choice must be auto, none, required or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}", param="tool_choice", code="bad_request")
+    return {"name": fn["name"]}
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -247,19 +293,49 @@ def _messages(value: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object with role and content", param=where, code="bad_request")
-        bridge.refuse_unknown(m, ("role", "content"), f"{where}.", unsupported={
+        bridge.refuse_unknown(m, ("role", "content", "tool_calls", "tool_call_id"), f"{where}.", unsupported={
             "name": "participant names are not passed to chat templates; leave it out",
-            "tool_calls": "tool calls are not implemented yet", "tool_call_id": "tool calls are not implemented yet",
-            "function_call": "function calls are not implemented", "refusal": "leave it out",
-            "audio": "audio is not implemented"})
+            "function_call": "the deprecated function_call is not implemented; send tool_calls",
+            "refusal": "leave it out", "audio": "audio is not implemented"})
         role = m.get("role")
-        if role == "tool" or role == "function":
-            raise ApiError(400, f"{where}.role {role!r} needs tool calls, which are not implemented yet",
+        if role == "function":
+            raise ApiError(400, f"{where}.role 'function' is the deprecated form: send role 'tool'",
                            param=f"{where}.role", code="unsupported_field")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
                            param=f"{where}.role", code="bad_request")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"), where)})
+        message: dict[str, Any] = {"role": ROLES[role]}
+        calls = m.get("tool_calls")
+        if calls and role == "assistant":
+            message["tool_calls"] = _earlier_calls(calls, f"{where}.tool_calls")
+            message["content"] = "" if m.get("content") is None else _content(m.get("content"), where)
+        else:
+            message["content"] = _content(m.get("content"), where)
+        if m.get("tool_call_id") is not None:
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
+    return out
+
+
+def _earlier_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's calls from an earlier turn, arguments parsed for the chat template."""
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list of tool calls", param=where, code="bad_request")
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, arguments}}}}",
+                           param=f"{where}[{j}]", code="bad_request")
+        try:
+            args = json.loads(fn.get("arguments") or "{}") if isinstance(fn.get("arguments", ""), str) \
+                else fn["arguments"]
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise ApiError(400, f"{where}[{j}].function.arguments must be a JSON object (as a string)",
+                           param=f"{where}[{j}].function.arguments", code="bad_request")
+        out.append({"id": str(call.get("id") or f"call_{j}"), "name": fn["name"], "arguments": args})
     return out
 
 

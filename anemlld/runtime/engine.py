@@ -2,7 +2,10 @@
 
 It owns the tokenizer and chat template, prefill (full batches through
 ``prefill``, the remainder one token at a time through ``infer``, so nothing
-is ever padded into the cache), decoding, sampling, stopping, incremental
+is ever padded into the cache; in models with sliding-window layers, whose
+K/V live in ring caches, batches start at multiples of the batch size and the
+tokens before go through ``infer``: runtime/attention.py has the inputs each
+step takes), decoding, sampling, stopping, incremental
 detokenization, reuse of a session's cached prefix (a KV state plus the
 tokens it holds, so a follow-up turn prefills only what is new; which state a
 request gets is the prefix cache's choice), the context window, cancellation,
@@ -29,6 +32,7 @@ import numpy as np
 
 from anemlld.layout import Layout, read_meta
 from anemlld.runtime import executors
+from anemlld.runtime.attention import Steps
 from anemlld.runtime.executors import INFER, PREFILL
 from anemlld.runtime.prefix_cache import Session, reusable
 from anemlld.runtime.sampling import Sampler, SamplingParams
@@ -66,6 +70,7 @@ class Done:
     text: str
     token_ids: list[int]
     stats: Stats
+    tool_calls: list[dict[str, Any]] | None = None  # read from the answer (anemlld.runtime.tools)
 
 
 class Detokenizer:
@@ -212,8 +217,9 @@ def sampling_defaults(folder: Path) -> dict[str, Any]:
 
 def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
     """Bytes of one KV state, from the shape every converted model shares,
-    ``(2 * layers, kv_heads, state_length, head_dim)`` in fp16; None if the
-    folder's config.json does not say."""
+    ``(2 * layers, kv_heads, state_length, head_dim)`` in fp16, where the
+    layers meta.yaml lists as ``local_layers`` keep ``ring_size`` slots
+    instead; None if the folder's config.json does not say."""
     try:
         config = json.loads((folder / "config.json").read_text())
         config = config.get("text_config", config)
@@ -222,9 +228,11 @@ def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         length = int(layout.params.get("state_length", layout.context_length))
+        local = len(layout.params.get("local_layers") or []) if layout.ring_size else 0
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
-    return 2 * layers * kv_heads * length * head_dim * 2
+    slots = (layers - local) * length + local * (layout.ring_size or 0)
+    return 2 * kv_heads * slots * head_dim * 2
 
 
 class Engine:
@@ -242,12 +250,9 @@ class Engine:
         self.executor = executors.load(self.layout, executor, progress=progress, **executor_options)
         self.ctx = self.layout.context_length
         self.batch = self.layout.batch_size
-        rows = np.arange(self.ctx)
-        allowed = rows[None, :] <= rows[:, None]
-        window = self.layout.params.get("sliding_window")  # one window for every layer (Mistral)
-        if window:
-            allowed &= rows[None, :] > rows[:, None] - int(window)
-        self.mask = np.where(allowed, 0.0, -np.inf).astype(np.float16)
+        self.steps = Steps.of(self.layout)
+        # A ring is written in whole batches from multiples of the batch size.
+        self.align = self.batch if self.steps.ring else 1
         self.load_ms = (time.perf_counter() - t) * 1000
 
     @property
@@ -255,10 +260,11 @@ class Engine:
         return str(self.layout.info.get("name", self.layout.root.name))
 
     def new_session(self) -> Session:
-        return Session(self.executor.make_state())
+        return Session(self.executor.make_state(), ring=self.steps.new_ring())
 
     # --- prompts ----------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
         if (prompt is None) == (messages is None):
             raise BadInput("give either a prompt or messages", "send one of the two", code="bad_request")
         if prompt is not None:
@@ -267,7 +273,8 @@ class Engine:
             raise BadInput("this model has no chat template", "send a plain prompt instead of messages",
                            code="bad_request")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as e:  # jinja errors for malformed messages
             raise BadInput(f"the chat template rejected the messages ({e})",
                            "send messages as a list of {role, content} with roles system/user/assistant",
@@ -278,7 +285,9 @@ class Engine:
     def feed(self, session: Session, ids: list[int], cancel: threading.Event | None = None) -> np.ndarray | None:
         """Run ``ids`` after the session's cached tokens; logits of the last
         one (None if cancelled). Full batches go through ``prefill`` while
-        they fit, the rest one at a time through ``infer``."""
+        they fit, the rest one at a time through ``infer``; with a ring, the
+        tokens before the first multiple of the batch size go through
+        ``infer`` too, so that batches start there."""
         ex, b = self.executor, self.batch
         ex.bind_thread()
         pos, i, hidden = len(session.tokens), 0, None
@@ -286,27 +295,34 @@ class Engine:
             raise AnemllError(f"{pos + len(ids)} tokens do not fit the context of {self.ctx}",
                               "this is an engine bug: the context window should have been managed",
                               code="internal")
+        while i < len(ids) and pos % self.align:
+            hidden = self._infer(session, ids[i], pos)
+            pos, i = pos + 1, i + 1
         while len(ids) - i >= b and pos + b <= self.ctx:
             if cancel is not None and cancel.is_set():
                 return None
             part = ids[i:i + b]
             h = ex.embed(np.asarray([part], dtype=np.int32))
-            hidden = ex.ffn(h, np.arange(pos, pos + b), self.mask[None, None, pos:pos + b], pos,
-                            session.state, PREFILL)
+            hidden = ex.ffn(h, self.steps.step(pos, b, session.ring), session.state, PREFILL)
             session.tokens.extend(part)
             pos, i = pos + b, i + b
         for t in ids[i:]:
-            h = ex.embed(np.asarray([[t]], dtype=np.int32))
-            hidden = ex.ffn(h, np.asarray([pos]), self.mask[None, None, pos:pos + 1], pos, session.state, INFER)
-            session.tokens.append(t)
+            hidden = self._infer(session, t, pos)
             pos += 1
         return ex.logits(hidden)
 
+    def _infer(self, session: Session, token: int, pos: int):
+        h = self.executor.embed(np.asarray([[token]], dtype=np.int32))
+        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, INFER)
+        session.tokens.append(token)
+        return hidden
+
     def _reuse(self, session: Session, ids: list[int]) -> int:
         """Keep the longest cached prefix of ``ids`` (at least one token is
-        always run, for its logits); returns how many are reused. The K/V past
-        it stay in the state but are masked until overwritten."""
-        n = max(0, reusable(session.tokens, ids))
+        always run, for its logits; with a ring, only as far back as it still
+        holds the keys the next token needs); returns how many are reused. The
+        K/V past it stay in the state but are masked until overwritten."""
+        n = max(0, reusable(session.tokens, ids, session.ring))
         del session.tokens[n:]
         return n
 
@@ -332,9 +348,12 @@ class Engine:
     # --- generation ---------------------------------------------------------
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
                  params: SamplingParams | None = None, session: Session | None = None,
-                 cancel: threading.Event | None = None, *, ids: list[int] | None = None) -> Iterator[Token | Done]:
+                 cancel: threading.Event | None = None, *, ids: list[int] | None = None,
+                 guide: Any = None) -> Iterator[Token | Done]:
         """Stream ``Token`` events, then one ``Done`` with the statistics.
         ``ids`` is the prompt already encoded (instead of prompt/messages).
+        ``guide`` (anemlld.runtime.grammar.Guide) masks the logits before each
+        token is sampled, hears each token, and ends the answer when complete.
         Afterwards ``session`` holds the prompt and the answer, but for the
         last token sampled, which was never run."""
         params = params or SamplingParams()
@@ -356,15 +375,19 @@ class Engine:
         t1 = time.perf_counter()
         reason = "cancelled" if logits is None else ""
         while not reason:
+            if guide is not None:
+                logits = guide.mask(logits)
             token = sampler(logits, session.tokens, generated)
             if token in self.eos:
                 reason = "stop"
                 break
             generated.append(token)
+            if guide is not None:
+                guide.accept(token)
             text = detok.add(token)
             if text or not detok.stopped:
                 yield Token(text, [token])
-            if detok.stopped:
+            if detok.stopped or (guide is not None and guide.finished):
                 reason = "stop"
             elif len(generated) >= params.max_tokens:
                 reason = "length"

@@ -44,8 +44,11 @@ class Executor:
     def embed(self, input_ids: np.ndarray) -> Any:
         raise NotImplementedError
 
-    def ffn(self, hidden: Any, position_ids: np.ndarray, causal_mask: np.ndarray, current_pos: int,
-            state: Any, function: str) -> Any:
+    def ffn(self, hidden: Any, step: dict[str, np.ndarray], state: Any, function: str) -> Any:
+        """Run every chunk's ``function`` over ``hidden``; ``step`` holds the
+        other inputs the chunks declare (``position_ids``, ``causal_mask``,
+        ``current_pos``, and for sliding-window layers ``local_mask``,
+        ``ring_pos``), as the engine computes them."""
         raise NotImplementedError
 
     def logits(self, hidden: Any) -> np.ndarray:
@@ -58,17 +61,21 @@ class Executor:
         """One throwaway step on a scratch state: first predictions after a
         load are slow (portable: lazy kernel setup, ~2.5 s measured on pico)
         and on the Neural Engine have been seen to fail."""
-        ctx = self.layout.context_length
-        mask = np.full((1, 1, 1, ctx), -np.inf, dtype=np.float16)
-        mask[..., 0] = 0
+        from anemlld.runtime.attention import Steps
+
+        steps = Steps.of(self.layout)
         h = self.embed(np.zeros((1, 1), dtype=np.int32))
-        self.logits(self.ffn(h, np.zeros(1, dtype=np.int32), mask, 0, self.make_state(), INFER))
+        self.logits(self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER))
 
 
-def _ffn_inputs(hidden, position_ids, causal_mask, current_pos) -> dict[str, Any]:
-    return {"hidden_states": hidden, "position_ids": position_ids.astype(np.int32),
-            "causal_mask": causal_mask.astype(np.float16),
-            "current_pos": np.array([current_pos], dtype=np.int32)}
+MASKS = frozenset({"causal_mask", "local_mask"})
+
+
+def _ffn_inputs(hidden, step: dict[str, np.ndarray]) -> dict[str, Any]:
+    inputs = {"hidden_states": hidden}
+    for name, value in step.items():
+        inputs[name] = np.asarray(value, dtype=np.float16 if name in MASKS else np.int32)
+    return inputs
 
 
 class PortableExecutor(Executor):
@@ -127,8 +134,8 @@ class PortableExecutor(Executor):
     def embed(self, input_ids):
         return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
-        inputs = _ffn_inputs(hidden, position_ids, causal_mask, current_pos)
+    def ffn(self, hidden, step, state, function):
+        inputs = _ffn_inputs(hidden, step)
         for chunk in self.chunks:
             inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
         return inputs["hidden_states"]
@@ -189,8 +196,8 @@ class CoreMLExecutor(Executor):
     def embed(self, input_ids):
         return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, position_ids, causal_mask, current_pos, state, function):
-        inputs = _ffn_inputs(np.asarray(hidden, dtype=np.float16), position_ids, causal_mask, current_pos)
+    def ffn(self, hidden, step, state, function):
+        inputs = _ffn_inputs(np.asarray(hidden, dtype=np.float16), step)
         for chunk in self.chunks:
             out = chunk[function].predict(inputs, state)
             inputs["hidden_states"] = out["output_hidden_states"]

@@ -16,7 +16,10 @@ The rule, read aloud:
 A session id is therefore only a label that wins ties: a session is a cache,
 not a history (docs/protocol.md). Reuse cannot change an answer because the
 engine keeps only the K/V of tokens identical to the prompt's, position for
-position, and runs the rest.
+position, and runs the rest. A model with sliding-window layers keeps their
+K/V in a ring that overwrites old positions, so a state's prefix is reusable
+only as far back as its ring still holds the window of keys the first new
+token needs (``Ring.reach`` in runtime/attention.py).
 
 No numpy or torch here: the residency imports this before any model loads.
 """
@@ -31,10 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)  # identity, not contents: two states holding the same tokens are two states
 class Session:
-    """A KV-cache state and the tokens whose K/V it holds (positions 0..n-1)."""
+    """A KV-cache state and the tokens whose K/V it holds (positions 0..n-1);
+    ``ring``, for models with sliding-window layers, records which positions
+    their ring cache still holds."""
 
     state: Any
     tokens: list[int] = field(default_factory=list)
+    ring: Any = None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -47,10 +53,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def reusable(tokens: Sequence[int], ids: Sequence[int]) -> int:
+def reusable(tokens: Sequence[int], ids: Sequence[int], ring: Any = None) -> int:
     """How many of ``ids`` a state holding ``tokens`` saves: the shared prefix,
-    less the prompt's last token, which always runs again for its logits."""
-    return min(common_prefix(tokens, ids), len(ids) - 1)
+    less the prompt's last token, which always runs again for its logits; with
+    a ``ring``, no more than it can continue from (``ring.reach``)."""
+    n = min(common_prefix(tokens, ids), len(ids) - 1)
+    return n if ring is None or n <= 0 else ring.reach(n)
 
 
 def state_nbytes(state: Any) -> int | None:
@@ -98,7 +106,7 @@ class PrefixCache:
         """The state to run a prompt of ``ids`` on, out of the pool until ``put``."""
         best, best_key = None, (0, False, -1)
         for age, (session, tag) in enumerate(self._pool):
-            key = (reusable(session.tokens, ids), label is not None and tag == label, age)
+            key = (reusable(session.tokens, ids, session.ring), label is not None and tag == label, age)
             if key[0] > 0 and key > best_key:
                 best, best_key = session, key
         if best is not None:

@@ -7,6 +7,14 @@ constants indexed by ``position_ids``, and the KV cache is one buffer
 ``model.kv_cache_0`` of shape ``(2 * layers, kv_heads, context, head_dim)`` that
 becomes the Core ML state: layer ``i`` keeps K at index ``i`` and V at ``i + layers``.
 
+Sliding-window layers (``ModelArgs.layer_windows``) keep theirs in a ring
+instead, ``model.kv_cache_local`` of ``(2 * local layers, kv_heads, ring,
+head_dim)``: a token's K/V go to slot ``position mod ring`` (``ring_pos``),
+and the engine's ``local_mask`` says which slots a row may attend to. The full
+layers of such a model keep the whole context in ``model.kv_cache_global``
+(ANEMLL's names for Gemma 3). Attention does not care where in the cache a
+key sits, since rope is applied before caching.
+
 Module and parameter names mirror the Hugging Face checkpoint
 (``model.layers.0.self_attn.q_proj.weight``) so weights load by name; the split
 LM head is the one exception, handled in :meth:`AneLM.load_weights`.
@@ -17,7 +25,7 @@ import json
 import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -43,6 +51,31 @@ class ModelArgs:
     attention_bias: bool = False
     partial_rotary_factor: float = 1.0  # rope on the first fraction of each head (Phi-4-mini: 0.75)
     rope_attention_factor: float = 1.0  # longrope's scaling of cos and sin
+    # One entry per layer: None = full attention, W = attends to the last W
+    # tokens (its own included). Empty = every layer full.
+    layer_windows: tuple[int | None, ...] = ()
+
+    def __post_init__(self):
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_hidden_layers)
+        windows = self.layer_windows
+        if len(windows) != self.num_hidden_layers:
+            raise BadInput(f"{len(windows)} layer windows for {self.num_hidden_layers} layers",
+                           "check layer_types in config.json", stage="inspect")
+        if len({w for w in windows if w is not None}) > 1:
+            raise BadInput(f"layers with different sliding windows ({sorted({w for w in windows if w})})",
+                           "only one window size shared by every local layer is implemented", stage="inspect")
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the local layers (one size for all), None if every layer is full."""
+        return next((w for w in self.layer_windows if w is not None), None)
+
+    def within(self, context_length: int) -> "ModelArgs":
+        """These args for a model of ``context_length`` positions: a window
+        that long or longer never takes effect, so its layers are full."""
+        windows = tuple(w if w is not None and w < context_length else None for w in self.layer_windows)
+        return self if windows == self.layer_windows else replace(self, layer_windows=windows)
 
     @property
     def rotary_dim(self) -> int:
@@ -67,6 +100,7 @@ class ModelArgs:
             attention_bias=bool(cfg.get("attention_bias", False)),
             partial_rotary_factor=partial_rotary_factor(cfg),
             rope_attention_factor=rope_attention_factor(cfg),
+            layer_windows=layer_windows(cfg),
         )
         fields.update(overrides)
         args = cls(**fields)
@@ -96,6 +130,26 @@ def sliding_window(cfg: dict[str, Any], context_length: int) -> int | None:
         raise BadInput(f"config.json has sliding_window = {window!r}, not a positive integer",
                        "restore the model's original config.json", stage="inspect")
     return window if window < context_length else None
+
+
+def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's window from config.json: the ``sliding_window`` for the
+    layers ``layer_types`` names ``sliding_attention`` (all of them when
+    there is no ``layer_types``; Qwen2's older files: those from
+    ``max_window_layers`` on), None for the others. Empty when the config
+    asks for no window."""
+    window = sliding_window(cfg, context_length=math.inf)
+    layers = cfg.get("num_hidden_layers")
+    if window is None or not isinstance(layers, int) or isinstance(layers, bool) or layers <= 0:
+        return ()
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        first = cfg.get("max_window_layers") or 0
+        return tuple(window if i >= first else None for i in range(layers))
+    if not isinstance(kinds, list) or len(kinds) != layers:
+        raise BadInput(f"config.json has layer_types for {len(kinds) if isinstance(kinds, list) else 'no'} of "
+                       f"its {layers} layers", "restore the model's original config.json", stage="inspect")
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
 
 
 def refuse_unimplemented(cfg: dict[str, Any], arch: str, context_length: int, windows: bool = False) -> None:
@@ -296,14 +350,43 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
 
 
+def ring_size(window: int, batch: int, context_length: int) -> int:
+    """Slots of a sliding-window layer's ring: the smallest multiple of the
+    prefill batch that holds the window and one batch more, or the context if
+    that is no longer. A batch starting at a multiple of the batch size then
+    writes contiguous slots and never overwrites a key one of its own tokens
+    still needs: the batch at positions p..p+B-1 overwrites the keys of
+    p-R..p-R+B-1, all older than p-W+1, the oldest its first token attends
+    to, whenever R >= W + B - 1."""
+    return min(batch * (-(-window // batch) + 1), context_length)
+
+
+def cache_names(args: ModelArgs) -> tuple[str | None, str | None]:
+    """The buffers of the full layers' cache and of the ring (None: no such layers)."""
+    windows = args.layer_windows
+    if all(w is None for w in windows):
+        return "kv_cache_0", None
+    return ("kv_cache_global" if None in windows else None), "kv_cache_local"
+
+
+def cache_place(args: ModelArgs, layer: int) -> tuple[int, int]:
+    """Where ``layer`` keeps its K/V: its index among the layers sharing its
+    cache (V at index + count), and their count."""
+    local = args.layer_windows[layer] is not None
+    same = [i for i, w in enumerate(args.layer_windows) if (w is not None) == local]
+    return same.index(layer), len(same)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention over the shared KV cache. ``q_norm``/``k_norm``
-    hooks let architectures with per-head norms (Qwen3) reuse the rest."""
+    """Grouped-query attention over its KV cache (the full one or the ring).
+    ``q_norm``/``k_norm`` hooks let architectures with per-head norms (Qwen3)
+    reuse the rest."""
 
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.args = args
         self.layer_idx = layer_idx
+        self.kv_index, self.kv_layers = cache_place(args, layer_idx)
         h, hd = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv = args.num_attention_heads, args.num_key_value_heads
         bias = args.attention_bias
@@ -318,6 +401,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 current_pos: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """``current_pos``: where in ``kv`` this step's K/V go (the position, or
+        in a ring its slot); ``mask`` covers every slot of ``kv``."""
         seq = x.shape[1]
         hd, n_rep = self.args.head_dim, self.n_heads // self.n_kv
         xc = to_channels(x)
@@ -327,11 +412,10 @@ class Attention(nn.Module):
         q, k = self.norm_qk(q, k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
-        layers = self.args.num_hidden_layers
-        i, pos = self.layer_idx, current_pos[0]
+        layers, i, pos = self.kv_layers, self.kv_index, current_pos[0]
         kv[i:i + 1, :, pos:pos + seq, :] = k.unsqueeze(0).to(kv.dtype)
         kv[layers + i:layers + i + 1, :, pos:pos + seq, :] = v.unsqueeze(0).to(kv.dtype)
-        keys, values = kv[i].to(q.dtype), kv[layers + i].to(q.dtype)  # (kv_heads, ctx, hd)
+        keys, values = kv[i].to(q.dtype), kv[layers + i].to(q.dtype)  # (kv_heads, slots, hd)
 
         # Query heads sharing a KV head are stacked along the sequence axis,
         # so no repeated copy of K/V is ever made.
@@ -372,10 +456,10 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     """Mirrors the checkpoint's ``model.``: embeddings, the layers this part
     holds (others are empty placeholders so indices keep their names), the
-    final norm when the last layer is here, the KV cache and rotary tables."""
+    final norm when the last layer is here, the KV caches and rotary tables."""
 
     def __init__(self, args: ModelArgs, layers: range, embeddings: bool, context_length: int,
-                 attention: type[Attention]):
+                 attention: type[Attention], ring: int):
         super().__init__()
         self.embed_tokens = _weighted(nn.Embedding, args.vocab_size, args.hidden_size) if embeddings else None
         self.layers = nn.ModuleList(
@@ -383,9 +467,13 @@ class Body(nn.Module):
             for i in range(args.num_hidden_layers))
         self.norm = (RMSNorm(args.hidden_size, args.rms_norm_eps)
                      if len(layers) and layers[-1] == args.num_hidden_layers - 1 else None)
+        self.full_cache, self.ring_cache = cache_names(args) if len(layers) else (None, None)
+        local = sum(w is not None for w in args.layer_windows)
+        for name, count, slots in ((self.full_cache, args.num_hidden_layers - local, context_length),
+                                   (self.ring_cache, local, ring)):
+            if name is not None:
+                self.register_buffer(name, torch.zeros(2 * count, args.num_key_value_heads, slots, args.head_dim))
         if len(layers):
-            self.register_buffer("kv_cache_0", torch.zeros(
-                2 * args.num_hidden_layers, args.num_key_value_heads, context_length, args.head_dim))
             cos, sin = rope_tables(args, context_length)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -422,31 +510,75 @@ class AneLM(nn.Module):
     attention: type[Attention] = Attention
 
     def __init__(self, args: ModelArgs, layers: range | None = None, embeddings: bool = True,
-                 lm_head: bool = True, lm_head_split: int = 8, context_length: int = 512):
+                 lm_head: bool = True, lm_head_split: int = 8, context_length: int = 512,
+                 ring: int | None = None):
+        """``ring``: the slots of the sliding-window layers' cache (see
+        :func:`ring_size`); by default the whole context."""
         super().__init__()
+        args = args.within(context_length)
         self.args = args
         self.context_length = context_length
+        self.ring = min(ring or context_length, context_length)
         self.layer_range = range(args.num_hidden_layers) if layers is None else layers
-        self.model = Body(args, self.layer_range, embeddings, context_length, self.attention)
+        self.model = Body(args, self.layer_range, embeddings, context_length, self.attention, self.ring)
         self.lm_head = SplitHead(args.hidden_size, split_sizes(args.vocab_size, lm_head_split)) if lm_head else None
 
     # --- the three parts -------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    def step_inputs(self, seq: int) -> dict[str, tuple[int, ...]]:
+        """The inputs a chunk function over ``seq`` tokens takes after
+        ``hidden_states`` and ``position_ids``, with their shapes: the full
+        layers' ``causal_mask`` and ``current_pos``, the ring's ``local_mask``
+        and ``ring_pos``; every chunk of a model takes the same ones."""
+        full, ring = cache_names(self.args)
+        out: dict[str, tuple[int, ...]] = {}
+        if full:
+            out.update(causal_mask=(1, 1, seq, self.context_length), current_pos=(1,))
+        if ring:
+            out.update(local_mask=(1, 1, seq, self.ring), ring_pos=(1,))
+        return out
+
+    def caches(self) -> dict[str, torch.Tensor]:
+        """This part's KV-cache buffers by name (the Core ML states)."""
+        body = self.model
+        return {n: getattr(body, n) for n in (body.full_cache, body.ring_cache) if n is not None}
+
     def layers_forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-                       causal_mask: torch.Tensor, current_pos: torch.Tensor,
+                       causal_mask: torch.Tensor | None = None, current_pos: torch.Tensor | None = None,
+                       local_mask: torch.Tensor | None = None, ring_pos: torch.Tensor | None = None,
                        last_only: bool = False) -> torch.Tensor:
         """Run this part's layers over ``hidden_states`` (1, S, H) at
-        ``position_ids`` (S,), writing K/V at ``current_pos`` onward.
+        ``position_ids`` (S,). Full layers write K/V at ``current_pos``
+        onward and attend through ``causal_mask``; sliding-window layers write
+        their ring from slot ``ring_pos`` on and attend through ``local_mask``.
         ``last_only`` (prefill): the last chunk returns just the last row,
         normed; other chunks return every row for the next chunk."""
         body = self.model
         cos = body.rope_cos.index_select(0, position_ids).to(hidden_states.dtype)
         sin = body.rope_sin.index_select(0, position_ids).to(hidden_states.dtype)
         h = hidden_states
+        windows = self.args.layer_windows
+        if ring_pos is None and body.ring_cache is not None:
+            # A ring of the whole context (the default) is indexed by position.
+            if self.ring != self.context_length:
+                raise ValueError(f"a ring of {self.ring} slots needs ring_pos")
+            ring_pos = current_pos
+        used = set()
         for i in self.layer_range:
-            h = body.layers[i](h, cos, sin, causal_mask, current_pos, body.kv_cache_0)
+            if windows[i] is None:
+                cache, mask, at = body.full_cache, causal_mask, current_pos
+            else:
+                cache, mask, at = body.ring_cache, local_mask, ring_pos
+            used.add(cache)
+            h = body.layers[i](h, cos, sin, mask, at, getattr(body, cache))
+        for name, kv in self.caches().items():
+            if name not in used:
+                # A chunk without layers of this kind still declares the state
+                # (chunks share one state object) and Core ML refuses a state
+                # nothing touches: write one row back to itself.
+                kv[0:1, 0:1, 0:1, :] = kv[0:1, 0:1, 0:1, :].clone()
         if body.norm is not None:  # the last chunk
             if last_only:
                 h = h[:, -1:, :]
@@ -520,8 +652,8 @@ class AneLM(nn.Module):
         return out
 
     def reset_cache(self) -> None:
-        if hasattr(self.model, "kv_cache_0"):
-            self.model.kv_cache_0.zero_()
+        for kv in self.caches().values():
+            kv.zero_()
 
 
 def expected_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:

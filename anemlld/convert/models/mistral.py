@@ -1,8 +1,6 @@
 """Mistral and Ministral: the Llama model, with attention limited to a sliding
 window of the last ``sliding_window`` tokens when the config sets one shorter
-than the context. Every layer has the same window, so it lives entirely in
-the causal mask the engine sends (``sliding_window`` in meta.yaml); the KV
-cache keeps the whole context."""
+than the context (every layer then has it: ``ModelArgs.layer_windows``)."""
 from __future__ import annotations
 
 from anemlld.convert.models.llama import Model, model_args

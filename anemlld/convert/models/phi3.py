@@ -4,8 +4,7 @@ projections as they load, the layout the other architectures export),
 rotary embeddings on part of each head (``partial_rotary_factor``, 0.75 in
 Phi-4-mini) and longrope's short factors with their cos/sin scaling (the
 context must stay within ``original_max_position_embeddings``); both are in
-the shared base. Phi-3-mini's sliding window, the same for every layer, is
-the engine's causal mask."""
+the shared base, as is Phi-3-mini's sliding window (every layer's)."""
 from __future__ import annotations
 
 from anemlld.convert.models import llama

@@ -1,4 +1,5 @@
-"""Qwen3: Llama plus an RMSNorm over each head's queries and keys before rope."""
+"""Qwen3: Llama plus an RMSNorm over each head's queries and keys before rope
+(sliding-window layers, when the config asks, as Qwen2's)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +7,7 @@ from typing import Any
 from anemlld.convert.models.base import AneLM, Attention, ModelArgs, RMSNorm
 
 PREFIX = "qwen"
+SLIDING_WINDOW = True
 
 
 def model_args(cfg: dict[str, Any]) -> ModelArgs:
