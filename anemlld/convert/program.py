@@ -133,16 +133,10 @@ class DirectChunk:
         self.lm, self.dtype = export._trace_dtype(lm)
         self.get, self.release, self.layers = get, release, layers
         self.weights: dict[str, Weight] = {}
-        self.bits: int | None = None
-
-    @property
-    def weight_count(self) -> int:
-        return sum(int(np.prod(s)) for s in self.shapes.values())
 
     def read(self, bits: int | None, group_size: int) -> int:
         """Read every projection weight, one at a time, quantized to ``bits``
         (k-means per group of ``group_size`` rows) or as fp16. Returns the count."""
-        self.bits = bits
         for name, shape in self.shapes.items():
             tensor = self.lm._read(self.get, name.removeprefix("model."))
             if tuple(tensor.shape) != shape[:2]:
