@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from shared.errors import AnemllError
+from shared.options import ARCHITECTURES
 
 
 def _add_convert(sub) -> None:
@@ -29,8 +30,8 @@ def _add_convert(sub) -> None:
     c.add_argument("--lut-embeddings", help="none, 4, 6 or 8 (default none)")
     c.add_argument("--lut-ffn", help="none, 4, 6 or 8 (default 4)")
     c.add_argument("--lut-lm-head", help="none, 4, 6 or 8 (default 6)")
-    c.add_argument("--prefix", help="file name prefix (default from the architecture: llama, qwen)")
-    c.add_argument("--architecture", help="override detection: llama, qwen2, qwen3")
+    c.add_argument("--prefix", help="file name prefix (default from the architecture: gemma3, llama, mistral, phi3, qwen)")
+    c.add_argument("--architecture", help=f"override detection: {', '.join(ARCHITECTURES)}")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.add_argument("--estimate", action="store_true",
                    help="print the plan (parts, sizes, disk, peak memory, time on this machine) and exit "

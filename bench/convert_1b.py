@@ -1,6 +1,7 @@
-"""End-to-end conversion of a Llama-3.2-1B-shaped model: wall time per stage,
-peak resident memory, output sizes, and a coremltools k-means baseline
-measured in the same run.
+"""End-to-end conversion of a Llama-3.2-1B-shaped model (or, with --model
+gemma-3-1b, a Gemma-3-1B-shaped one): wall time per stage, peak resident
+memory, output sizes, and a coremltools k-means baseline measured in the same
+run.
 
 What it does:
 
@@ -11,7 +12,13 @@ What it does:
    tensor directly in --dtype (bf16 by default, like the published checkpoint)
    from a seeded generator, std 0.02, norms 1.0, one model.safetensors, the
    tokenizer copied from examples/pico-llama (its 4096-token vocabulary does
-   not match; the converter is expected not to care).
+   not match; the converter is expected not to care). Gemma-3-1B's shape
+   (its public config.json: hidden 1152, intermediate 6912, 26 layers, 4/1
+   heads, head_dim 256, vocab 262144, a window of 512 on five layers in six,
+   tied embeddings) has its four norms per layer and q/k norms, at zero (its
+   norms scale by 1 + weight); it converts at context 1024 by default, so
+   that the window binds, and its conversion includes the fp16-range
+   calibration (convert/calibrate.py).
 2. Baseline: coremltools' k-means (``_get_kmeans_lookup_table_and_weight``,
    what palettize_weights runs per group) timed on --baseline-groups groups
    sampled from this model's own weights, as fp16, at the converter's group
@@ -34,7 +41,7 @@ What it does:
 Targets (brief): total < 10 min on this 2-core machine; peak RSS < 6 GB;
 combined chunk / one function <= 1.01.
 
-Run: .venv/bin/python bench/convert_1b.py [--workdir DIR] [--keep]
+Run: .venv/bin/python bench/convert_1b.py [--model gemma-3-1b] [--workdir DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -95,12 +102,48 @@ CONFIG = {
 }
 
 
+GEMMA3_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "initializer_range": 0.02,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vocab_size": 262144,
+}
+
+# --model -> (its name, its config.json, the value its norm weights are written with, default context)
+MODELS = {"llama-3.2-1b": ("Llama-3.2-1B", CONFIG, 1.0, 512),
+          "gemma-3-1b": ("Gemma-3-1B", GEMMA3_CONFIG, 0.0, 1024)}
+
+
 # --- the model folder --------------------------------------------------------
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    h, i, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    q = cfg["num_attention_heads"] * hd
+    kv = cfg["num_key_value_heads"] * hd
+    gemma = cfg["model_type"] == "gemma3_text"
     out = [("model.embed_tokens.weight", (v, h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
@@ -109,17 +152,21 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
                 (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                 (p + "mlp.down_proj.weight", (h, i))]
+        if gemma:
+            out += [(p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,)),
+                    (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
     out.append(("model.norm.weight", (h,)))
     return out
 
 
-def model_config(dtype_name: str, layers: int, vocab: int) -> dict:
-    return dict(CONFIG, num_hidden_layers=layers, vocab_size=vocab,
+def model_config(dtype_name: str, layers: int, vocab: int, model: str = "llama-3.2-1b") -> dict:
+    return dict(MODELS[model][1], num_hidden_layers=layers, vocab_size=vocab,
                 torch_dtype={"bf16": "bfloat16", "fp16": "float16"}[dtype_name])
 
 
-def write_model(folder: Path, dtype_name: str, seed: int, layers: int, vocab: int) -> float:
-    """The random Llama-3.2-1B-shaped folder; returns seconds spent. Each tensor
+def write_model(folder: Path, dtype_name: str, seed: int, layers: int, vocab: int, model: str = "llama-3.2-1b"
+                ) -> float:
+    """The random ``model``-shaped folder; returns seconds spent. Each tensor
     is drawn directly in the target dtype: the state dict peaks at the size of
     the checkpoint (2.5 GB), never an fp32 copy of it."""
     import torch
@@ -127,13 +174,13 @@ def write_model(folder: Path, dtype_name: str, seed: int, layers: int, vocab: in
 
     t = time.perf_counter()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    cfg = model_config(dtype_name, layers, vocab)
+    cfg = model_config(dtype_name, layers, vocab, model)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in tensor_shapes(cfg):
         if len(shape) == 1:
-            state[name] = torch.ones(shape, dtype=dtype)
+            state[name] = torch.full(shape, MODELS[model][2], dtype=dtype)
         else:
             state[name] = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
     tmp = folder / "model.safetensors.partial"
@@ -149,12 +196,12 @@ def write_model(folder: Path, dtype_name: str, seed: int, layers: int, vocab: in
     return time.perf_counter() - t
 
 
-def model_is_ready(folder: Path, dtype_name: str, layers: int, vocab: int) -> bool:
+def model_is_ready(folder: Path, dtype_name: str, layers: int, vocab: int, model: str = "llama-3.2-1b") -> bool:
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return cfg == model_config(dtype_name, layers, vocab) and (folder / "model.safetensors").is_file()
+    return cfg == model_config(dtype_name, layers, vocab, model) and (folder / "model.safetensors").is_file()
 
 
 # --- the coremltools baseline -----------------------------------------------
@@ -505,12 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where the model and the output go (default: a new temp dir, "
                     "removed at the end unless --keep); an existing model there is reused")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b", help="the shape (default llama-3.2-1b)")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="checkpoint dtype (default bf16)")
-    ap.add_argument("--layers", type=int, default=16, help="decoder layers (default 16, as Llama-3.2-1B)")
-    ap.add_argument("--vocab-size", type=int, default=CONFIG["vocab_size"],
-                    help="vocabulary (default 128256, as Llama-3.2-1B; smaller only for a quick smoke run)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default the model's: 16 Llama, 26 Gemma)")
+    ap.add_argument("--vocab-size", type=int,
+                    help="vocabulary (default the model's: 128256, 262144; smaller only for a quick smoke run)")
     ap.add_argument("--chunks", default="2")
-    ap.add_argument("--context-length", type=int, default=512)
+    ap.add_argument("--context-length", type=int, help="default 512 (Llama), 1024 (Gemma: its window is 512)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lut-ffn", default="4")
     ap.add_argument("--lut-lm-head", default="6")
@@ -521,19 +569,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-limit-gb", type=float, default=20.0, help="kill the conversion above this RSS")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    title, cfg, _, context = MODELS[a.model]
+    a.layers = a.layers or cfg["num_hidden_layers"]
+    a.vocab_size = a.vocab_size or cfg["vocab_size"]
+    a.context_length = a.context_length or context
 
-    print_header("bench/convert_1b.py: Llama-3.2-1B-shaped conversion, time and memory", argv)
+    print_header(f"bench/convert_1b.py: {title}-shaped conversion, time and memory", argv)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="anemlld-bench-1b-"))
     work.mkdir(parents=True, exist_ok=True)
-    shape = "" if (a.layers, a.vocab_size) == (16, CONFIG["vocab_size"]) else f"-{a.layers}L-v{a.vocab_size}"
-    src = work / f"Llama-3.2-1B-random-{a.dtype}{shape}"
+    shape = "" if (a.layers, a.vocab_size) == (cfg["num_hidden_layers"], cfg["vocab_size"]) \
+        else f"-{a.layers}L-v{a.vocab_size}"
+    src = work / f"{title}-random-{a.dtype}{shape}"
     out = work / "out"
     t_model = None
-    if model_is_ready(src, a.dtype, a.layers, a.vocab_size):
+    if model_is_ready(src, a.dtype, a.layers, a.vocab_size, a.model):
         print(f"model: reusing {src}")
     else:
         shutil.rmtree(src, ignore_errors=True)
-        t_model = write_model(src, a.dtype, a.seed, a.layers, a.vocab_size)
+        t_model = write_model(src, a.dtype, a.seed, a.layers, a.vocab_size, a.model)
         print(f"model: wrote {src} in {t_model:.0f} s")
     size = (src / "model.safetensors").stat().st_size
     print(f"  model.safetensors {size / GB:.2f} GB ({a.dtype}); parent RSS now "
@@ -548,11 +601,11 @@ def main(argv: list[str] | None = None) -> int:
 
     base = None
     if a.baseline_groups > 0 and (opts.lut_ffn or opts.lut_lm_head):
-        from anemlld.convert.models import DEFAULT_LM_HEAD_SPLIT
+        from anemlld.convert.models import DEFAULT_LM_HEAD_SPLIT, MODEL_TYPES
         print(f"baseline: timing coremltools' k-means on {a.baseline_groups} groups per weight ...", flush=True)
         t = time.perf_counter()
         base = baseline(src, opts.lut_ffn, opts.lut_lm_head, opts.lut_group_size, a.baseline_groups, a.seed,
-                        range(a.layers), DEFAULT_LM_HEAD_SPLIT["llama"])
+                        range(a.layers), DEFAULT_LM_HEAD_SPLIT[MODEL_TYPES[cfg["model_type"]]])
         print(f"  done in {time.perf_counter() - t:.0f} s (load avg {load_average()})")
         print()
 

@@ -12,7 +12,7 @@ from typing import Any
 from shared.errors import BadInput
 
 LUT_CHOICES = ("none", 4, 6, 8)
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 
 def parse_lut(key: str, value: Any) -> int | None:

@@ -17,7 +17,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # Qwen2's q/k/v biases and tied embeddings, Qwen3's q/k norms and a head_dim
 # that is not hidden/heads, Mistral's sliding window (4: shorter than the test
 # sequences, so the window matters at every step past the fourth), Phi-3's
-# fused q/k/v and gate/up, partial rotary and longrope short factors.
+# fused q/k/v and gate/up, partial rotary and longrope short factors; Gemma 3's
+# four norms, q/k norms, query_pre_attn_scalar, scaled embeddings, local and
+# global layers with a rope base each (linear scaling on the global ones).
 TINY = {
     "llama": dict(
         cls="LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -40,6 +42,13 @@ TINY = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 256}),
+    "gemma3": dict(
+        cls="Gemma3TextConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        tie_word_embeddings=False, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}),
     "qwen3": dict(
         cls="Qwen3Config", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
@@ -60,11 +69,12 @@ def make_tiny_model(arch: str, dest: Path, seed: int = 0, dtype: str = "float32"
                   eos_token_id=[4, 1], pad_token_id=5, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # Norm weights start at one; randomize them so a wrong norm cannot hide.
+    # Norm weights start at one (Gemma's at zero: it scales by 1 + weight);
+    # randomize them so a wrong norm cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if arch == "gemma3" else p.uniform_(0.5, 1.5)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     model.to(getattr(torch, dtype)).save_pretrained(dest, safe_serialization=True)

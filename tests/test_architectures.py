@@ -81,7 +81,7 @@ def test_keys_that_ask_for_nothing_more_are_accepted(tiny_models, tmp_path):
     assert plan(folder).architecture == "qwen2"
 
 
-CONVERTED = {"mistral": dict(sliding_window=8), "phi3": dict(sliding_window=8)}
+CONVERTED = {"gemma3": dict(sliding_window=8), "mistral": dict(sliding_window=8), "phi3": dict(sliding_window=8)}
 
 
 @pytest.fixture(scope="module", params=sorted(CONVERTED))
@@ -99,27 +99,43 @@ def converted_engine(request, tmp_path_factory):
     return src, Engine(out, executor="portable")
 
 
-@torch.no_grad()
+def assert_matches(engine, ref, prompt: list[int], steps: int, tolerance: float = 0.05) -> None:
+    """Prefill ``prompt``, then ``steps`` single tokens: each step's logits
+    within ``tolerance`` of transformers' (fp32), the greedy token the same
+    away from near-ties (fp16 parts may flip those)."""
+    from anemlld.runtime.sampling import Sampler, SamplingParams
+
+    session = engine.new_session()
+    logits = engine.feed(session, prompt)
+    ids, greedy = list(prompt), Sampler(SamplingParams())
+    for step in range(steps):
+        with torch.no_grad():
+            want = ref(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0, -1]
+        assert abs(logits.astype("float64") - want.double().numpy()).max() < tolerance, step
+        top2 = torch.topk(want, 2).values
+        if float(top2[0] - top2[1]) > tolerance:
+            assert greedy(logits, ids, []) == int(want.argmax()), step
+        ids.append(int(want.argmax()))
+        logits = engine.feed(session, ids[-1:])
+
+
 def test_converted_models_with_a_window_of_8_match_transformers_over_40_tokens(converted_engine):
     from transformers import AutoModelForCausalLM
-
-    from anemlld.runtime.sampling import Sampler, SamplingParams
 
     src, engine = converted_engine
     assert engine.layout.params["sliding_window"] == 8 and engine.layout.ring_size == 32  # 8 + 16, whole batches
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     prompt = [0, 17, 300, 52, 99, 1000, 7, 2048, 11, 5, 900, 33, 61, 402, 18, 7, 77, 2500, 3, 1200]
-    session = engine.new_session()
-    logits = engine.feed(session, prompt)  # a batch of 16 through prefill, 4 through infer
-    ids, greedy = list(prompt), Sampler(SamplingParams())
-    for step in range(20):
-        want = ref(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0, -1]
-        assert abs(logits.astype("float64") - want.double().numpy()).max() < 0.05, step  # fp16 parts
-        top2 = torch.topk(want, 2).values
-        if float(top2[0] - top2[1]) > 0.05:  # away from near-ties fp16 may flip
-            assert greedy(logits, ids, []) == int(want.argmax()), step
-        ids.append(int(want.argmax()))
-        logits = engine.feed(session, ids[-1:])
+    assert_matches(engine, ref, prompt, 20)  # a batch of 16 through prefill, 4 through infer, then 20 tokens
+
+
+def test_anemlld_verify_finds_each_converted_architecture_close_to_transformers(converted_engine):
+    from anemlld.runtime.verify import verify
+
+    _, engine = converted_engine
+    report = verify(engine.layout.root, max_tokens=100, engine=engine)
+    assert report.tokens >= 90 and report.greedy_agreement > 0.9
+    assert abs(report.perplexity / report.reference_perplexity - 1) < 0.02 and report.max_abs_logit_diff < 0.2
 
 
 def test_the_daemons_worker_serves_each_new_architecture_with_the_engines_greedy_tokens(converted_engine, tmp_path):

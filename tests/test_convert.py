@@ -89,17 +89,22 @@ def test_chunks_carry_infer_and_prefill_over_one_kv_state(arch, converted):
             inputs = {x.name: array_shape(x) for x in fn.input}
             want = {"hidden_states": (1, seq, hidden), "position_ids": (seq,),
                     "causal_mask": (1, 1, seq, CTX), "current_pos": (1,)}
-            slots = CTX
-            if cfg.get("sliding_window"):  # Mistral's window of 4: every layer in a ring of 2 batches
-                del want["causal_mask"], want["current_pos"]
+            # Windows of 4 keep their layers in a ring of 2 batches: every layer's
+            # (Mistral) or those layer_types names sliding (Gemma 3, beside a full cache).
+            kinds = cfg.get("layer_types") or ["sliding_attention"] * layers
+            local = kinds.count("sliding_attention") if cfg.get("sliding_window") else 0
+            states = {STATE: (2 * layers, kv_heads, CTX, head_dim)}
+            if local:
                 want.update(local_mask=(1, 1, seq, 2 * BATCH), ring_pos=(1,))
-                slots = 2 * BATCH
+                states = {"model_model_kv_cache_local": (2 * local, kv_heads, 2 * BATCH, head_dim)}
+                if local < layers:
+                    states["model_model_kv_cache_global"] = (2 * (layers - local), kv_heads, CTX, head_dim)
+                else:
+                    del want["causal_mask"], want["current_pos"]
             assert inputs == want
             assert [o.name for o in fn.output] == ["output_hidden_states"]
-            (state,) = fn.state
-            assert state.name == (STATE if slots == CTX else "model_model_kv_cache_local")
-            assert tuple(state.type.stateType.arrayType.shape) == (2 * layers, kv_heads, slots, head_dim)
-            assert state.type.stateType.arrayType.dataType == 65552  # FLOAT16
+            assert {x.name: tuple(x.type.stateType.arrayType.shape) for x in fn.state} == states
+            assert {x.type.stateType.arrayType.dataType for x in fn.state} == {65552}  # FLOAT16
             ops = op_types(spec, fn.name)
             # every projection weight is a 4-bit LUT: one lut_to_dense per conv
             assert ops.count("constexpr_lut_to_dense") == ops.count("conv") > 0

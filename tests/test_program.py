@@ -124,7 +124,11 @@ CASES = ARCHS + ("llama-fp16",)
 def test_direct_chunk_has_the_frontends_interface_and_ops(case, chunks):
     made = chunks[case]
     assert interface(made["direct"]) == interface(made["frontend"])
-    assert op_counts(made["direct"]) == op_counts(made["frontend"])
+    # the frontend's Gemma 3 program keeps 4 identity ops (they compute
+    # nothing) that the direct one does not have; every other op matches
+    ours, theirs = op_counts(made["direct"]), op_counts(made["frontend"])
+    theirs.pop("identity", None)
+    assert "identity" not in ours and ours == theirs
 
 
 @pytest.mark.parametrize("case", CASES)

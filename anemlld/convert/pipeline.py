@@ -9,6 +9,7 @@ same conversion again resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Callable
 from anemlld import __version__, layout
 from torch import nn
 
-from anemlld.convert import estimate, export, lut, program
+from anemlld.convert import calibrate, estimate, export, lut, program
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
@@ -58,6 +59,7 @@ class Plan:
     fingerprint: str
     estimated_bytes: int
     parts: list[str] = field(default_factory=list)
+    fp16_range: calibrate.Range | None = None  # measured at conversion, for architectures that can rescale
 
     @property
     def num_chunks(self) -> int:
@@ -248,7 +250,10 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
              + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
     st = _Stages(progress, total, estimate.estimate(p).seconds)
-    st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks")
+    skipped = f"; the text model only, {p.source.skipped} other tensors skipped" if p.source.skipped else ""
+    st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks{skipped}")
+    if getattr(ARCHITECTURES[p.architecture], "RESIDUAL_SCALE", False):
+        _calibrate(p, st)
 
     shapes = export.Shapes(args.hidden_size, o.context_length, o.batch_size)
     try:
@@ -315,11 +320,40 @@ def _quantize(st: _Stages, name: str, lm, bits: int | None, p: Plan, kind, weigh
     return export.Lut(bits, p.options.lut_group_size, "gather" if kind is nn.Embedding else "conv")
 
 
-def _loaded(p: Plan, st: _Stages, name: str, **part) -> AneLM:
-    """The torch model of one part with its checkpoint weights; nothing of
-    the checkpoint stays mapped afterwards."""
+def _calibrate(p: Plan, st: _Stages) -> None:
+    """Measure the fp16 range (convert/calibrate.py); the parts are then
+    built with the residual scale it chose."""
+    import torch
+
+    t, loads = time.perf_counter(), st.seconds.get("load", 0.0)
+    st.report("calibrate", "")
+    ids, text = calibrate.calibration_ids(p.source.path, p.args.vocab_size,
+                                          min(p.options.context_length, calibrate.MAX_TOKENS))
+
+    def embed_rows(args: ModelArgs, ids: list[int]):
+        rows = p.source.rows("model.embed_tokens.weight", ids).float()
+        with torch.device("meta"):
+            build(p.architecture, args, layers=range(0), embeddings=False, lm_head=False).fold(
+                "model.embed_tokens.weight", rows)
+        return rows
+
+    def load(args: ModelArgs, **part) -> AneLM:
+        # a ring of the whole context (ring=None) is addressed by position: one pass over every token
+        return _loaded(p, st, "calibrate", args, ring=None, **part)
+
+    p.fp16_range = calibrate.fp16_range(p.args, p.chunk_ranges, load, embed_rows, ids, p.options.context_length)
+    p.args = dataclasses.replace(p.args, residual_scale=p.fp16_range.residual_scale)
+    st.seconds["calibrate"] = time.perf_counter() - t - (st.seconds.get("load", 0.0) - loads)
+    st.report("calibrate", "", p.fp16_range.message(text))
+
+
+def _loaded(p: Plan, st: _Stages, name: str, args: ModelArgs | None = None, **part) -> AneLM:
+    """The torch model of one part with its checkpoint weights (built with
+    ``args``, the plan's by default); nothing of the checkpoint stays mapped
+    afterwards."""
     with weights_loaded_later():
-        lm = build(p.architecture, p.args, context_length=p.options.context_length, ring=p.ring, **part)
+        lm = build(p.architecture, args or p.args, context_length=p.options.context_length,
+                   **{"ring": p.ring, **part})
     st.run("load", name, 0.0, lm.load_weights, p.source.get)
     p.source.close()  # unmap the shards: their pages otherwise stay resident through the export
     return lm
@@ -421,6 +455,7 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         "compiled": compiled,
         "compile_note": note,
         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        **({"fp16_range": p.fp16_range.as_dict()} if p.fp16_range else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (work / layout.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

@@ -143,7 +143,8 @@ class DirectChunk:
                 raise AnemllError(f"weight {name} has shape {tuple(tensor.shape)}, expected {shape[:2]}",
                                   "the weights do not match config.json; re-download the model", stage="load",
                                   code="bad_input")
-            tensor = tensor.reshape(shape)
+            tensor = tensor.reshape(shape).float()  # fp32 as load_weights folds it, one weight at a time
+            self.lm.fold(name.removeprefix("model."), tensor)
             if bits is None:
                 self.weights[name] = Weight(shape, dense=tensor.to(torch.float16).numpy())
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Any
 
 from shared.errors import BadInput
 from shared.options import ARCHITECTURES
+
+log = logging.getLogger(__name__)
 
 # Copied next to the converted parts so the runtime has tokenizer and chat template.
 TOKENIZER_FILES = (
@@ -31,7 +34,9 @@ def detect_architecture(cfg: dict[str, Any]) -> str:
     model_type = str(cfg.get("model_type", "")).lower()
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
-    for name in cfg.get("architectures") or []:
+    # Only without a model_type: a class name is matched by its prefix, and
+    # Gemma3n or Qwen3-MoE classes start like Gemma3 or Qwen3 ones.
+    for name in [] if model_type else cfg.get("architectures") or []:
         for key, arch in MODEL_TYPES.items():
             if str(name).lower().startswith(key):
                 return arch
@@ -47,6 +52,9 @@ class HFSource:
     config: dict[str, Any]
     shards: dict[str, Path]  # tensor name -> shard file
     shapes: dict[str, tuple[int, ...]]  # tensor name -> shape, from the headers
+    # a multimodal checkpoint's text model: our tensor name -> the checkpoint's
+    names: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0  # the tensors that are not the text model's (a vision tower)
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -59,8 +67,9 @@ class HFSource:
             raise BadInput(f"{path} is not a folder", "pass the Hugging Face model folder", stage="inspect")
         config = read_config(path)
         shards, shapes = index_tensors(path)
+        config, names, skipped = text_model(config, shards, shapes)
         check_layers(config, shards)
-        return cls(path, config, shards, shapes)
+        return cls(path, config, shards, shapes, names, skipped)
 
     @property
     def weight_files(self) -> list[Path]:
@@ -68,6 +77,19 @@ class HFSource:
 
     def get(self, name: str):
         """One tensor, read from its memory-mapped shard."""
+        return self._read(name, lambda handle, theirs: handle.get_tensor(theirs))
+
+    def rows(self, name: str, ids: list[int]):
+        """Rows ``ids`` of a 2-D tensor, read one by one (an embedding table
+        need not be read whole for a few tokens)."""
+        import torch
+
+        def read(handle, theirs):
+            piece = handle.get_slice(theirs)
+            return torch.cat([piece[i:i + 1] for i in ids])
+        return self._read(name, read)
+
+    def _read(self, name: str, read):
         from safetensors import safe_open
 
         shard = self.shards.get(name)
@@ -81,7 +103,7 @@ class HFSource:
             except Exception as e:  # safetensors raises its own error types
                 raise _corrupt(shard, e) from None
         try:
-            return handle.get_tensor(name)
+            return read(handle, self.names.get(name, name))
         except Exception as e:
             raise _corrupt(shard, e) from None
 
@@ -118,6 +140,39 @@ def read_config(path: Path) -> dict[str, Any]:
         raise BadInput(f"config.json in {path} is not a JSON object",
                        "replace it with the model's original config.json", stage="inspect")
     return cfg
+
+
+def text_model(config: dict[str, Any], shards: dict[str, Path], shapes: dict[str, tuple[int, ...]]
+               ) -> tuple[dict[str, Any], dict[str, str], int]:
+    """A multimodal checkpoint of a kind we convert the text model of: its
+    ``text_config``, its text model's tensors renamed in ``shards`` and
+    ``shapes`` to that model's own names (our name -> theirs returned), and
+    how many other tensors are skipped. Other configs come back as they are,
+    the keys they leave out filled with their config class's defaults."""
+    from anemlld.convert.models import CONFIG_DEFAULTS, TEXT_PARTS
+
+    prefixes = TEXT_PARTS.get(str(config.get("model_type", "")).lower())
+    names: dict[str, str] = {}
+    skipped = 0
+    if prefixes is not None:
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise BadInput(f"config.json of this {config['model_type']} model has no text_config",
+                           "restore the model's original config.json", stage="inspect")
+        config = {"tie_word_embeddings": config.get("tie_word_embeddings", True), **text}
+        for theirs in list(shards):
+            prefix = next((p for p in prefixes if theirs.startswith(p)), None)
+            if prefix is None:
+                skipped += 1
+                del shards[theirs], shapes[theirs]
+                continue
+            ours = prefixes[prefix] + theirs[len(prefix):]
+            shards[ours], shapes[ours] = shards.pop(theirs), shapes.pop(theirs)
+            names[ours] = theirs
+        log.info("converting the text model of a multimodal checkpoint; %d other tensors (the vision tower) "
+                 "skipped", skipped)
+    defaults = CONFIG_DEFAULTS.get(str(config.get("model_type", "")).lower(), {})
+    return {**defaults, **config}, names, skipped
 
 
 def index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:

@@ -26,6 +26,7 @@ import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -51,6 +52,13 @@ class ModelArgs:
     attention_bias: bool = False
     partial_rotary_factor: float = 1.0  # rope on the first fraction of each head (Phi-4-mini: 0.75)
     rope_attention_factor: float = 1.0  # longrope's scaling of cos and sin
+    hidden_act: str = "silu"  # the gated MLP's activation, a key of ACTIVATIONS
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -0.5 power (Gemma); None: head_dim's
+    # The rope base and scaling of the layers listed, where theirs differ (Gemma 3's local layers).
+    local_rope_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
+    residual_scale: float = 1.0  # the residual stream carried times this (fp16 range; convert/calibrate.py)
     # One entry per layer: None = full attention, W = attends to the last W
     # tokens (its own included). Empty = every layer full.
     layer_windows: tuple[int | None, ...] = ()
@@ -81,6 +89,10 @@ class ModelArgs:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def local_rope(self, layer: int) -> bool:
+        """Whether ``layer`` takes the local rotary tables."""
+        return layer in self.local_rope_layers
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "ModelArgs":
         heads = _number(cfg, "num_attention_heads", int)
@@ -100,13 +112,14 @@ class ModelArgs:
             attention_bias=bool(cfg.get("attention_bias", False)),
             partial_rotary_factor=partial_rotary_factor(cfg),
             rope_attention_factor=rope_attention_factor(cfg),
+            hidden_act=cfg.get("hidden_act", "silu"),
             layer_windows=layer_windows(cfg),
         )
         fields.update(overrides)
         args = cls(**fields)
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise BadInput(f"hidden_act {act!r} is not supported", "only SwiGLU (silu) models convert")
+        if args.hidden_act not in ACTIVATIONS:
+            raise BadInput(f"hidden_act {args.hidden_act!r} is not supported",
+                           f"models with a gated MLP of {', '.join(ACTIVATIONS)} convert", stage="inspect")
         if args.num_attention_heads % args.num_key_value_heads:
             raise BadInput("num_attention_heads is not a multiple of num_key_value_heads",
                            "check config.json")
@@ -167,8 +180,12 @@ def refuse_unimplemented(cfg: dict[str, Any], arch: str, context_length: int, wi
                f"{context_length}", f"convert with context_length = {window} or less (the window then never "
                "matters)")
     kinds = set(cfg.get("layer_types") or [])
-    if kinds - {"full_attention"} and not (windows and kinds <= {"full_attention", "sliding_attention"}):
+    # sliding layers whose window never binds (checked above) are full attention
+    no_window = cfg.get("sliding_window") is None or cfg.get("use_sliding_window") is False
+    if kinds - {"full_attention", "sliding_attention"} or ("sliding_attention" in kinds and no_window and not windows):
         refuse("layer_types", "layers of another kind than full attention", "convert a supported architecture")
+    if cfg.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", "attention to later tokens too", "convert a supported architecture")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(key) is not None:
             refuse(key, "soft-capped logits", "convert a supported architecture")
@@ -254,10 +271,10 @@ def rope_attention_factor(cfg: dict[str, Any]) -> float:
     return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+def rope_inv_freq(args: ModelArgs, local: bool = False) -> torch.Tensor:
     dim = args.rotary_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    s = args.rope_scaling
+    theta, s = (args.local_rope_theta, args.local_rope_scaling) if local else (args.rope_theta, args.rope_scaling)
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if s is None:
         return inv
     if s["rope_type"] == "longrope":
@@ -277,8 +294,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, blended, out)
 
 
-def rope_tables(args: ModelArgs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = torch.outer(torch.arange(length, dtype=torch.float64), rope_inv_freq(args))
+def rope_tables(args: ModelArgs, length: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), rope_inv_freq(args, local))
     emb = torch.cat([freqs, freqs], dim=-1)
     scale = args.rope_attention_factor
     return (emb.cos() * scale).float(), (emb.sin() * scale).float()
@@ -394,7 +411,7 @@ class Attention(nn.Module):
         self.k_proj = conv1x1(h, self.n_kv * hd, bias)
         self.v_proj = conv1x1(h, self.n_kv * hd, bias)
         self.o_proj = conv1x1(self.n_heads * hd, h)
-        self.scale = hd ** -0.5
+        self.scale = (args.query_pre_attn_scalar or hd) ** -0.5
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
@@ -427,6 +444,11 @@ class Attention(nn.Module):
         return from_channels(self.o_proj(out))
 
 
+# config.json's hidden_act -> the gated MLP's activation
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -434,10 +456,11 @@ class MLP(nn.Module):
         self.gate_proj = conv1x1(h, i)
         self.up_proj = conv1x1(h, i)
         self.down_proj = conv1x1(i, h)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = to_channels(x)
-        return from_channels(self.down_proj(F.silu(self.gate_proj(xc)) * self.up_proj(xc)))
+        return from_channels(self.down_proj(self.act(self.gate_proj(xc)) * self.up_proj(xc)))
 
 
 class DecoderLayer(nn.Module):
@@ -459,11 +482,11 @@ class Body(nn.Module):
     final norm when the last layer is here, the KV caches and rotary tables."""
 
     def __init__(self, args: ModelArgs, layers: range, embeddings: bool, context_length: int,
-                 attention: type[Attention], ring: int):
+                 attention: type[Attention], layer: type[DecoderLayer], ring: int):
         super().__init__()
         self.embed_tokens = _weighted(nn.Embedding, args.vocab_size, args.hidden_size) if embeddings else None
         self.layers = nn.ModuleList(
-            DecoderLayer(args, i, attention) if i in layers else nn.Identity()
+            layer(args, i, attention) if i in layers else nn.Identity()
             for i in range(args.num_hidden_layers))
         self.norm = (RMSNorm(args.hidden_size, args.rms_norm_eps)
                      if len(layers) and layers[-1] == args.num_hidden_layers - 1 else None)
@@ -477,6 +500,10 @@ class Body(nn.Module):
             cos, sin = rope_tables(args, context_length)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            if any(args.local_rope(i) for i in layers):
+                cos, sin = rope_tables(args, context_length, local=True)
+                self.register_buffer("rope_cos_local", cos, persistent=False)
+                self.register_buffer("rope_sin_local", sin, persistent=False)
 
 
 class SplitHead(nn.Module):
@@ -508,6 +535,7 @@ class AneLM(nn.Module):
     """
 
     attention: type[Attention] = Attention
+    decoder_layer: type[DecoderLayer] = DecoderLayer
 
     def __init__(self, args: ModelArgs, layers: range | None = None, embeddings: bool = True,
                  lm_head: bool = True, lm_head_split: int = 8, context_length: int = 512,
@@ -520,7 +548,8 @@ class AneLM(nn.Module):
         self.context_length = context_length
         self.ring = min(ring or context_length, context_length)
         self.layer_range = range(args.num_hidden_layers) if layers is None else layers
-        self.model = Body(args, self.layer_range, embeddings, context_length, self.attention, self.ring)
+        self.model = Body(args, self.layer_range, embeddings, context_length, self.attention, self.decoder_layer,
+                          self.ring)
         self.lm_head = SplitHead(args.hidden_size, split_sizes(args.vocab_size, lm_head_split)) if lm_head else None
 
     # --- the three parts -------------------------------------------------
@@ -556,8 +585,11 @@ class AneLM(nn.Module):
         ``last_only`` (prefill): the last chunk returns just the last row,
         normed; other chunks return every row for the next chunk."""
         body = self.model
-        cos = body.rope_cos.index_select(0, position_ids).to(hidden_states.dtype)
-        sin = body.rope_sin.index_select(0, position_ids).to(hidden_states.dtype)
+        rope = {}  # local -> this step's (cos, sin)
+        for local, suffix in ((False, ""), (True, "_local")):
+            if hasattr(body, f"rope_cos{suffix}"):
+                rope[local] = tuple(getattr(body, f"rope_{f}{suffix}").index_select(0, position_ids)
+                                    .to(hidden_states.dtype) for f in ("cos", "sin"))
         h = hidden_states
         windows = self.args.layer_windows
         if ring_pos is None and body.ring_cache is not None:
@@ -567,6 +599,7 @@ class AneLM(nn.Module):
             ring_pos = current_pos
         used = set()
         for i in self.layer_range:
+            cos, sin = rope[self.args.local_rope(i)]
             if windows[i] is None:
                 cache, mask, at = body.full_cache, causal_mask, current_pos
             else:
@@ -615,6 +648,10 @@ class AneLM(nn.Module):
         fused, start, end = source
         return get(fused)[start:end]
 
+    def fold(self, name: str, weight: torch.Tensor) -> None:
+        """Fold the constant factors an architecture applies to parameter
+        ``name`` into its loaded ``weight``, in place (none here)."""
+
     def load_weights(self, get: Callable[[str], torch.Tensor], skip: Callable[[str], bool] | None = None) -> None:
         """Fill every parameter from the checkpoint through ``get(name)``,
         but those ``skip(name)`` is true of."""
@@ -625,6 +662,8 @@ class AneLM(nn.Module):
             if param.dim() == 4 and tensor.dim() == 2:
                 tensor = tensor[:, :, None, None]
             _copy(name, param, tensor)
+            with torch.no_grad():
+                self.fold(name, param)
         if self.lm_head is not None:
             key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
             full = get(key)
