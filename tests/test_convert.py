@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from anemlld import layout
-from anemlld.convert import export, pipeline
+from anemlld.convert import export, pipeline, program
 from anemlld.convert.models import ARCHITECTURES
 from shared.options import ConvertOptions
 from tests.conftest import ARCHS, TINY
@@ -173,7 +173,7 @@ def test_progress_reports_every_stage_in_order(converted):
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     stages = [e.stage for e in events]
-    for stage in ("inspect", "export", "quantize", "combine", "compile", "publish", "done"):
+    for stage in ("inspect", "export", "quantize", "compile", "publish", "done"):
         assert stage in stages
     compile_note = next(e.message for e in events if e.stage == "compile")
     assert "macOS" in compile_note or compile_note == ""
@@ -181,8 +181,9 @@ def test_progress_reports_every_stage_in_order(converted):
     # each part's weights are clustered once, whichever functions use them
     assert sorted(quantized) == sorted(set(quantized))
     assert "qwen_FFN_PF_lut4_chunk_02of02" in quantized
-    exported = {e.part for e in events if e.stage == "export"}
-    assert "qwen_FFN_PF_lut4_chunk_02of02 (prefill)" in exported
+    exported = [e.part for e in events if e.stage == "export"]
+    # a chunk's two functions are exported together, once
+    assert exported.count("qwen_FFN_PF_lut4_chunk_02of02") == 1
 
 
 def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_models, tmp_path, monkeypatch):
@@ -201,8 +202,8 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     monkeypatch.undo()
 
     exported = []
-    real = export.export_chunk
-    monkeypatch.setattr(export, "export_chunk", lambda *a, **k: exported.append(1) or real(*a, **k))
+    real = program.DirectChunk.export_combined
+    monkeypatch.setattr(program.DirectChunk, "export_combined", lambda *a, **k: exported.append(1) or real(*a, **k))
     result = pipeline.convert(tiny_models["qwen2"], dest, opts)
     assert exported == []  # both chunks came from the first run
     assert not result.reused and (dest / "qwen_lm_head.mlpackage").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from anemlld import cli, layout
-from anemlld.convert import lut, export, pipeline
+from anemlld.convert import lut, export, pipeline, program
 from anemlld.convert.source import INDEX_FILE, HFSource
 from shared.errors import BadInput
 from shared.options import ConvertOptions
@@ -49,6 +49,7 @@ def no_heavy_work(monkeypatch):
     for name in ("export_embeddings", "export_chunk", "export_head", "combine", "compile_package"):
         monkeypatch.setattr(export, name, refuse(f"export.{name}"))
     monkeypatch.setattr(lut, "quantize_module", refuse("lut.quantize_module"))
+    monkeypatch.setattr(program.DirectChunk, "__init__", refuse("program.DirectChunk"))
     monkeypatch.setattr(HFSource, "get", refuse("reading a tensor"))
 
 

@@ -247,15 +247,31 @@ def _states(lm: AneLM) -> list:
                          name=f"model.model.{name}") for name, kv in lm.caches().items()]
 
 
-def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
-    ct = _ct()
-    lm, dtype = _trace_dtype(lm)
+def chunk_interface(ct, lm: AneLM, shapes: Shapes, prefill: bool, dtype: torch.dtype):
+    """A chunk function's example inputs to trace with, their input types,
+    the names of the step inputs after ``hidden_states`` and
+    ``position_ids`` (``ChunkPart``'s ``names``), and its states; shared by
+    this route and the direct one (convert/program.py)."""
     seq = shapes.batch if prefill else 1
     example, inputs, names = _step(lm, seq, dtype)
-    traced = _trace(ChunkPart(lm, prefill, names), (torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example))
-    lm.reset_cache()  # tracing ran the model once; the state must start empty
+    example = [torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example]
     inputs = [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs]
-    return _convert(traced, inputs, [ct.TensorType(name="output_hidden_states", dtype=np.float16)], _states(lm), lut)
+    return example, inputs, names, _states(lm)
+
+
+def chunk_outputs(ct) -> list:
+    return [ct.TensorType(name="output_hidden_states", dtype=np.float16)]
+
+
+def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
+    """One chunk function through the torch frontend (the route before
+    convert/program.py's; kept as its reference and the bench's baseline)."""
+    ct = _ct()
+    lm, dtype = _trace_dtype(lm)
+    example, inputs, names, states = chunk_interface(ct, lm, shapes, prefill, dtype)
+    traced = _trace(ChunkPart(lm, prefill, names), tuple(example))
+    lm.reset_cache()  # tracing ran the model once; the state must start empty
+    return _convert(traced, inputs, chunk_outputs(ct), states, lut)
 
 
 def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):

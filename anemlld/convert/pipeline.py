@@ -22,7 +22,7 @@ from typing import Callable
 from anemlld import __version__, layout
 from torch import nn
 
-from anemlld.convert import calibrate, estimate, export, lut
+from anemlld.convert import calibrate, estimate, export, lut, program
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
@@ -421,28 +421,19 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
     if target.exists():
         st.done += w * (2 + q)
         return
-    lm = _loaded(p, st, name, layers=layers, embeddings=False, lm_head=False)
     bits = p.options.lut_ffn
-    # Quantized once; both functions encode the same values, so their tables
-    # and indices are byte-identical and the combined package stores them once.
-    table = _quantize(st, name, lm, "lut_ffn", p, nn.Conv2d, w * q)
-    fn_paths = {}
-    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
-        path = work / f"{name}.{fn}.mlpackage"
-        fn_paths[fn] = path
-        if path.exists():
-            st.done += w
-            continue
-        model = st.run("export", f"{name} ({fn})", w, export.export_chunk, lm, shapes, prefill, table)
-        _save(model, path)
-        del model
-        gc.collect()
-    del lm
+    # Read and quantized once, one weight at a time, for both functions
+    # (infer and prefill), which are built and saved as one package.
+    chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
+                   p.options.context_length, p.source.get, p.source.close, p.ring)
+    st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.group_size("lut_ffn"))
+    model = st.run("export", name, 2 * w, chunk.export_combined, shapes)
+    del chunk
     meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
-    desc = f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}"
-    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta, desc)
-    for path in fn_paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    export.set_metadata(model, meta, f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}")
+    _save(model, target)
+    del model
+    gc.collect()
 
 
 def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[[int | None], float]) -> None:

@@ -652,10 +652,11 @@ class AneLM(nn.Module):
         """Fold the constant factors an architecture applies to parameter
         ``name`` into its loaded ``weight``, in place (none here)."""
 
-    def load_weights(self, get: Callable[[str], torch.Tensor]) -> None:
-        """Fill every parameter from the checkpoint through ``get(name)``."""
+    def load_weights(self, get: Callable[[str], torch.Tensor], skip: Callable[[str], bool] | None = None) -> None:
+        """Fill every parameter from the checkpoint through ``get(name)``,
+        but those ``skip(name)`` is true of."""
         for name, param in self.named_parameters():
-            if name.startswith("lm_head.splits."):
+            if name.startswith("lm_head.splits.") or (skip is not None and skip(name)):
                 continue
             tensor = self._read(get, name)
             if param.dim() == 4 and tensor.dim() == 2:
