@@ -61,7 +61,7 @@ def both_routes(arch: str, folder: Path, out: Path, bits: int | None, layers: ra
     for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
         paths[name] = out / f"frontend.{name}.mlpackage"
         export.export_chunk(lm, shapes, prefill, table).save(str(paths[name]))
-    export.combine(paths[export.INFER], paths[export.PREFILL], made["frontend"], {"k": "v"}, "frontend")
+    export.combine(paths, made["frontend"], {"k": "v"}, "frontend")
     direct.export_combined(shapes).save(str(made["direct"]))
     source.close()
     return made
