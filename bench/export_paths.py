@@ -84,8 +84,7 @@ def child(route: str, folder: str, out: str) -> int:
             paths[fn] = out_dir / f"{fn}.mlpackage"
             step(f"save {fn}", model.save, str(paths[fn]))
             del model
-        step("combine", export.combine, paths[export.INFER], paths[export.PREFILL], target, {"bench": route},
-             "bench")
+        step("combine", export.combine, paths, target, {"bench": route}, "bench")
     else:
         chunk = step("load", program.DirectChunk, "llama", args, layers, CTX, source.get, source.close)
         step("quantize", chunk.read, BITS, GROUP)
