@@ -10,8 +10,13 @@ quantized weights, combine 31 s for 973 M chunk weights, load 4 s for
 1,499 M weights; less, in each stage, a fixed cost per unit of work
 measured on the trained pico model there (4 M weights, no other load: 3 s
 per exported function, 0.7 s per quantized part, 2.7 s per combined chunk),
-which is what a tiny model's conversion mostly is. Another machine scales
-them; ``ANEMLL_CONVERT_SPEED`` (a
+which is what a tiny model's conversion mostly is. FFN chunks are exported
+directly (convert/program.py): bench/export_paths.py measured that route at
+export, save and combine 6.1x faster than the one above on a 4-layer
+1B-shaped chunk, under a load of about 4 on 2 cores where the old route took
+40 s per layer; scaled to the quiet machine that is 0.02 s per million
+weights of the chunk, both functions, and no combine stage. Another machine
+scales them; ``ANEMLL_CONVERT_SPEED`` (a
 factor, 2 = twice as fast) corrects the estimate for one that is known to be
 faster or slower.
 """
@@ -32,6 +37,7 @@ MB = 1024 * 1024
 FIXED_SECONDS = {"export": 3.0, "quantize": 0.7, "combine": 2.7, "load": 0.0}  # per function, part, chunk
 SECONDS_PER_MILLION = {"export": (134 - 4 * 3.0) / 2472, "quantize": (49 - 2 * 0.7) / 1236,
                        "combine": (31 - 2.7) / 973, "load": 4 / 1499}
+DIRECT_CHUNK = {"fixed": 1.5, "per_million": 0.02}  # seconds per chunk (both functions), per M chunk weights
 SPEED_ENV = "ANEMLL_CONVERT_SPEED"
 # The progress bar's weights per unit of work, relative to exporting it once.
 QUANTIZE_WEIGHT = SECONDS_PER_MILLION["quantize"] / SECONDS_PER_MILLION["export"]
@@ -47,6 +53,7 @@ class Part:
     weights: int
     bits: int | None
     functions: int  # exported once per function (chunks: infer and prefill)
+    direct: bool = False  # an FFN chunk, exported by convert/program.py (both functions at once, no combine)
 
     @property
     def bytes(self) -> int:
@@ -76,7 +83,7 @@ def parts(plan: "Plan") -> list[Part]:
     ends = args.vocab_size * args.hidden_size
     if o.monolithic:  # one package, both functions; sized at the FFN's LUT (the bulk of it)
         return [Part(plan.parts[0], 2 * ends + args.num_hidden_layers * args.layer_params, o.lut_ffn, 2)]
-    chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2)
+    chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2, direct=True)
               for name, r in zip(plan.parts[1:-1], plan.chunk_ranges)]
     return [Part(plan.parts[0], ends, o.lut_embeddings, 1), *chunks, Part(plan.parts[-1], ends, o.lut_lm_head, 1)]
 
@@ -102,10 +109,14 @@ def check_part_sizes(plan: "Plan") -> None:
 
 
 def disk_bytes(plan: "Plan") -> int:
-    """The output plus the working copies of the largest chunk: fp16 export,
-    and the quantized infer and prefill packages before they are combined."""
-    largest = max(len(r) for r in plan.chunk_ranges) * plan.args.layer_params
-    return plan.estimated_bytes + 3 * int(largest * bytes_per_weight(None))
+    """The output, and two copies of its largest part while that is saved
+    (coremltools' temporary package, and ours written beside its final name,
+    then renamed); the monolithic export keeps both fp16 functions until they
+    are combined."""
+    largest = max(part.bytes for part in parts(plan))
+    if plan.options.monolithic:
+        return plan.estimated_bytes + 2 * int(parts(plan)[0].weights * bytes_per_weight(None))
+    return plan.estimated_bytes + 2 * largest
 
 
 def speed() -> float:
@@ -126,12 +137,20 @@ def estimate(plan: "Plan") -> Estimate:
     work = {  # stage: (units of fixed cost, weights)
         "load": (0, sum(p.weights for p in ps)),
         "quantize": (sum(1 for p in ps if p.bits), sum(p.weights for p in ps if p.bits)),
-        "export": (sum(p.functions for p in ps), sum(p.weights * p.functions for p in ps)),
-        "combine": (sum(1 for p in ps if p.functions > 1), sum(p.weights for p in ps if p.functions > 1)),
+        "export": (sum(p.functions for p in ps if not p.direct), sum(p.weights * p.functions for p in ps
+                                                                        if not p.direct)),
+        "combine": (sum(1 for p in ps if p.functions > 1 and not p.direct),
+                    sum(p.weights for p in ps if p.functions > 1 and not p.direct)),
     }
-    factor = speed()
-    seconds = {stage: (units * FIXED_SECONDS[stage] + weights / 1e6 * SECONDS_PER_MILLION[stage]) / factor
+    seconds = {stage: units * FIXED_SECONDS[stage] + weights / 1e6 * SECONDS_PER_MILLION[stage]
                for stage, (units, weights) in work.items()}
+    direct = [p for p in ps if p.direct]
+    seconds["export"] += len(direct) * DIRECT_CHUNK["fixed"] + sum(p.weights for p in direct) / 1e6 \
+        * DIRECT_CHUNK["per_million"]
+    if not any(p.functions > 1 and not p.direct for p in ps):
+        del seconds["combine"]
+    factor = speed()
+    seconds = {stage: s / factor for stage, s in seconds.items()}
     return Estimate(ps, plan.chunk_ranges, disk_bytes(plan), memory.peak_estimate(plan), seconds)
 
 
@@ -146,7 +165,7 @@ def describe(plan: "Plan", est: Estimate) -> list[str]:
         lut = f"LUT {part.bits}" if part.bits else "fp16"
         lines.append(f"{part.name:<44} {part.bytes / MB:7.0f} MB  {lut}{what}")
     lines += ["", f"output       {est.output_bytes / MB:8.0f} MB",
-              f"disk needed  {est.disk_bytes / MB:8.0f} MB (the output and the largest chunk's working copies)",
+              f"disk needed  {est.disk_bytes / MB:8.0f} MB (the output and two copies of its largest part while it is saved)",
               f"peak memory  {memory.gb(est.peak_bytes)}",
               f"time         {format_seconds(est.seconds)} on the reference machine"
               + (f" / {speed():g}" if speed() != 1 else "") + ": "
