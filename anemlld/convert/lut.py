@@ -413,17 +413,23 @@ def encode_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return lut, unsort(order, rank)
 
 
+def index_dtype(bits: int):
+    """The numpy dtype of ``bits``-bit LUT indices in a MIL program."""
+    from coremltools.converters.mil.mil import types
+
+    return types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
+
+
 def encode_program(prog, bits: int, group_size: int, op_type: str, scope: str = "") -> int:
     """Replace every dense weight feeding an ``op_type`` op in ``prog`` (a
     pymil Program) with ``constexpr_lut_to_dense``; with ``scope``, only the
     weights whose names start with it (one part of a monolithic model).
     Returns the count."""
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-    index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
+    indices_as = index_dtype(bits)
     weight_input = WEIGHT_INPUT[op_type]
 
     def is_weight(op) -> bool:
@@ -449,7 +455,7 @@ def encode_program(prog, bits: int, group_size: int, op_type: str, scope: str = 
                     if not is_weight(op):
                         continue
                     table, indices = encode_exact(op.outputs[0].val, bits, group_size)
-                    new = mb.constexpr_lut_to_dense(indices=indices.astype(index_dtype), lut=table,
+                    new = mb.constexpr_lut_to_dense(indices=indices.astype(indices_as), lut=table,
                                                     before_op=op, name=op.name + "_lut")
                     block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                                        no_check_var_types=True)

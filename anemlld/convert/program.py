@@ -70,13 +70,6 @@ def _lifted(convs: list[nn.Conv2d], weights):
             del conv.forward
 
 
-def index_dtype(bits: int):
-    """The numpy dtype of ``bits``-bit LUT indices in a MIL program."""
-    from coremltools.converters.mil.mil import types
-
-    return types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-
-
 def input_name(param: str) -> str:
     """The program input a lifted weight enters as (coremltools' spelling)."""
     return "lifted_" + param.replace(".", "_")
@@ -152,7 +145,7 @@ class DirectChunk:
                 g = lut.group_size_for(shape[0], group_size)
                 table = q.lut.numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
                 # in the dtype the program stores, once for both functions
-                self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(index_dtype(bits)))
+                self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(lut.index_dtype(bits)))
             del tensor
             if self.release is not None:
                 self.release()
