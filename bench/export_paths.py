@@ -1,7 +1,7 @@
 """One FFN chunk of the Llama-3.2-1B shape exported both ways, in one run:
 the torch frontend's route (trace with the weights, ``ct.convert``, LUT
 encoding of the converted program: ``export.export_chunk``) against the
-direct route (``program.DirectChunk``: trace with the weights lifted out,
+direct route (``program.DirectPart``: trace with the weights lifted out,
 each weight quantized straight into ``constexpr_lut_to_dense``).
 
 What it does:
@@ -86,9 +86,11 @@ def child(route: str, folder: str, out: str) -> int:
             del model
         step("combine", export.combine, paths, target, {"bench": route}, "bench")
     else:
-        chunk = step("load", program.DirectChunk, "llama", args, layers, CTX, source.get, source.close)
-        step("quantize", chunk.read, BITS, GROUP)
-        model = step("export infer+prefill", chunk.export_combined, shapes)
+        chunk = step("load", lambda: program.DirectPart("llama", args, CTX, source.get, source.close, layers=layers,
+                                                        embeddings=False, lm_head=False))
+        step("quantize", chunk.read, {export.LAYERS_SCOPE: (BITS, GROUP)})
+        model = step("export infer+prefill", chunk.export, export.chunk_function, shapes,
+                     {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}})
         step("save combined", model.save, str(target))
     size = sum(f.stat().st_size for f in (out_dir / "chunk.mlpackage").rglob("*") if f.is_file())
     print(json.dumps({"steps": steps, "bytes": size}))

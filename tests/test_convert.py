@@ -190,10 +190,14 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     dest = tmp_path / "out"
     opts = ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": "none", "lut_ffn": "none", "lut_lm_head": "none"})
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt  # as if killed while exporting the head
+    real = program.DirectPart.export
 
-    monkeypatch.setattr(export, "export_head", crash)
+    def crash_in_the_head(self, function, *a, **k):
+        if function is export.head_function:
+            raise KeyboardInterrupt  # as if killed while exporting the head
+        return real(self, function, *a, **k)
+
+    monkeypatch.setattr(program.DirectPart, "export", crash_in_the_head)
     with pytest.raises(KeyboardInterrupt):
         pipeline.convert(tiny_models["qwen2"], dest, opts)
     assert not dest.exists()  # nothing that looks finished
@@ -202,10 +206,10 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     monkeypatch.undo()
 
     exported = []
-    real = program.DirectChunk.export_combined
-    monkeypatch.setattr(program.DirectChunk, "export_combined", lambda *a, **k: exported.append(1) or real(*a, **k))
+    monkeypatch.setattr(program.DirectPart, "export",
+                        lambda self, function, *a, **k: exported.append(function) or real(self, function, *a, **k))
     result = pipeline.convert(tiny_models["qwen2"], dest, opts)
-    assert exported == []  # both chunks came from the first run
+    assert exported == [export.head_function]  # the embeddings and both chunks came from the first run
     assert not result.reused and (dest / "qwen_lm_head.mlpackage").exists()
     assert not work.exists()
 

@@ -49,7 +49,7 @@ def no_heavy_work(monkeypatch):
     for name in ("export_embeddings", "export_chunk", "export_head", "combine", "compile_package"):
         monkeypatch.setattr(export, name, refuse(f"export.{name}"))
     monkeypatch.setattr(lut, "quantize_module", refuse("lut.quantize_module"))
-    monkeypatch.setattr(program.DirectChunk, "__init__", refuse("program.DirectChunk"))
+    monkeypatch.setattr(program.DirectPart, "__init__", refuse("program.DirectPart"))
     monkeypatch.setattr(HFSource, "get", refuse("reading a tensor"))
 
 
@@ -256,10 +256,14 @@ def test_failure_midway_leaves_nothing_that_looks_finished(tiny_copy, out, monke
 
     src = tiny_copy("llama")
 
-    def broken_head(*a, **k):
-        raise AnemllError("coremltools failed", "report it")
+    real = program.DirectPart.export
 
-    monkeypatch.setattr(export, "export_head", broken_head)
+    def broken_head(self, function, *a, **k):
+        if function is export.head_function:
+            raise AnemllError("coremltools failed", "report it")
+        return real(self, function, *a, **k)
+
+    monkeypatch.setattr(program.DirectPart, "export", broken_head)
     opts = ConvertOptions(context_length=64, batch_size=32, chunks=3, lut_ffn=None, lut_lm_head=None)
     with pytest.raises(AnemllError) as info:
         pipeline.convert(src, out, opts)

@@ -1,9 +1,13 @@
-"""FFN chunks built with lifted weights (anemlld/convert/program.py) against
-the torch frontend's (export.export_chunk): the same interface, and the same
-outputs and cache through the portable executor, on every architecture."""
+"""Parts built with lifted weights (anemlld/convert/program.py) against the
+torch frontend's (export's ``export_*``): the same interface, ops and stored
+size, and the same outputs and cache through the portable executor, for
+FFN chunks and monolithic models of every architecture, embeddings and LM
+heads (logits and argmax functions), with and without LUTs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from anemlld.convert import export, lut, program
 from anemlld.convert.models import ARCHITECTURES, build
 from anemlld.convert.models.base import causal_mask, ring_size, sliding_window
 from anemlld.convert.source import HFSource
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, TINY
 
 CTX, BATCH, BITS, GROUP = 32, 8, 4, 16
 
@@ -39,30 +43,66 @@ def op_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def both_routes(arch: str, folder: Path, out: Path, bits: int | None, layers: range) -> dict[str, Path]:
-    """The chunk of ``layers`` exported by each route, infer and prefill
-    combined (the frontend's by ``export.combine``, as the pipeline did)."""
+@dataclass(frozen=True)
+class Part:
+    """One part as both routes build it: ``build``'s arguments, the LUTs
+    (scope -> bits) and the functions (name -> arguments of ``function``)."""
+
+    arch: str
+    part: dict
+    luts: dict
+    function: Callable
+    variants: dict
+
+    @property
+    def stateful(self) -> bool:
+        return self.function in (export.chunk_function, export.monolithic_function)
+
+
+CHUNK = {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}}
+HEAD = {export.LOGITS: {"argmax": False}, export.ARGMAX: {"argmax": True}}
+ALL_LUTS = {export.EMBEDDINGS_SCOPE: 8, export.LAYERS_SCOPE: BITS, export.HEAD_SCOPE: 6}
+
+
+def frontend(lm, shapes: export.Shapes, part: Part, out: Path) -> Path:
+    """``part`` through the torch frontend: its torch weights k-means
+    quantized in place (lut.quantize_module), each function exported and,
+    when there are several, combined, as the pipeline did before the direct
+    route."""
+    scopes = {export.EMBEDDINGS_SCOPE: (lambda: lm.model.embed_tokens, nn.Embedding, "gather"),
+              export.LAYERS_SCOPE: (lambda: lm.model.layers, nn.Conv2d, "conv"),
+              export.HEAD_SCOPE: (lambda: lm.lm_head, nn.Conv2d, "conv")}
+    tables = []
+    for scope, bits in part.luts.items():
+        module, kind, op_type = scopes[scope]
+        if module() is not None and lut.quantize_module(module(), bits, GROUP, kind):
+            tables.append(export.Lut(bits, GROUP, op_type, scope))
+    paths = {}
+    for name, kw in part.variants.items():
+        paths[name] = out / f"frontend.{name}.mlpackage"
+        export._export(lm, shapes, part.function, tables, **kw).save(str(paths[name]))
+    made = out / "frontend.mlpackage"
+    if len(paths) == 1:
+        paths.popitem()[1].rename(made)
+    else:
+        export.combine(paths, made, {"k": "v"}, "frontend")
+    return made
+
+
+def both_routes(folder: Path, out: Path, part: Part) -> dict[str, Path]:
+    """``part`` exported by each route."""
     source = HFSource.open(folder)
-    module = ARCHITECTURES[arch]
+    module = ARCHITECTURES[part.arch]
     args = module.model_args(source.config)
     shapes = export.Shapes(args.hidden_size, CTX, BATCH)
     window = sliding_window(source.config, CTX)
     ring = None if window is None else ring_size(window, BATCH, CTX)
-    lm = build(arch, args, layers=layers, embeddings=False, lm_head=False, context_length=CTX, ring=ring)
+    lm = build(part.arch, args, context_length=CTX, ring=ring, **part.part)
     lm.load_weights(source.get)
-    table = None
-    if bits is not None:
-        lut.quantize_module(lm, bits, GROUP, nn.Conv2d)
-        table = export.Lut(bits, GROUP, "conv")
-    direct = program.DirectChunk(arch, args, layers, CTX, source.get, ring=ring)
-    direct.read(bits, GROUP)
-    made = {"frontend": out / "frontend.mlpackage", "direct": out / "direct.mlpackage"}
-    paths = {}
-    for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
-        paths[name] = out / f"frontend.{name}.mlpackage"
-        export.export_chunk(lm, shapes, prefill, table).save(str(paths[name]))
-    export.combine(paths, made["frontend"], {"k": "v"}, "frontend")
-    direct.export_combined(shapes).save(str(made["direct"]))
+    made = {"frontend": frontend(lm, shapes, part, out), "direct": out / "direct.mlpackage"}
+    direct = program.DirectPart(part.arch, args, CTX, source.get, ring=ring, **part.part)
+    direct.read({scope: (bits, GROUP) for scope, bits in part.luts.items()})
+    direct.export(part.function, shapes, part.variants).save(str(made["direct"]))
     source.close()
     return made
 
@@ -89,40 +129,72 @@ def step_inputs(path: Path, function: str, start: int, seq: int) -> dict[str, np
     return out
 
 
-def run(path: Path, hidden: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """A prefill of BATCH rows, then two infer steps; outputs and final caches."""
+def run(path: Path, part: Part, config: dict, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every output of a few calls, and the final caches: a stateful part
+    runs a prefill of BATCH rows, then two infer steps; embeddings one
+    token, then BATCH; a head each function once."""
     from anemlld.runtime.portable import PortableModel
 
     model = PortableModel(path, device="cpu")
     state = model.make_state()
     rng = np.random.default_rng(seed)
+    hidden = lambda seq: rng.standard_normal((1, seq, config["hidden_size"])).astype(np.float16)  # noqa: E731
+    ids = lambda seq: rng.integers(0, config["vocab_size"], (1, seq)).astype(np.int32)  # noqa: E731
+    if part.stateful:
+        first = "input_ids" if part.function is export.monolithic_function else "hidden_states"
+        calls = [(fn, {first: (ids if first == "input_ids" else hidden)(seq), **step_inputs(path, fn, start, seq)})
+                 for fn, start, seq in (("prefill", 0, BATCH), ("infer", BATCH, 1), ("infer", BATCH + 1, 1))]
+    elif part.function is export.embeddings_function:
+        calls = [(None, {"input_ids": ids(1)}), (None, {"input_ids": ids(BATCH)})]
+    else:
+        calls = [(fn if len(part.variants) > 1 else None, {"hidden_states": hidden(1)}) for fn in part.variants]
     outs = []
-    for function, start, seq in (("prefill", 0, BATCH), ("infer", BATCH, 1), ("infer", BATCH + 1, 1)):
-        inputs = {"hidden_states": rng.standard_normal((1, seq, hidden)).astype(np.float16),
-                  **step_inputs(path, function, start, seq)}
-        outs.append(model.predict(inputs, state, function)["output_hidden_states"])
+    for fn, inputs in calls:
+        result = model.predict(inputs, state, fn)
+        outs += [result[k] for k in sorted(result)]
     return outs, [state[k].float().numpy() for k in sorted(state)]
 
 
-@pytest.fixture(scope="module")
-def chunks(tiny_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per architecture, a chunk of the last layer (the final norm included) with a 4-bit
-    LUT; Llama also its first chunk without a LUT."""
+def parts() -> dict[str, Part]:
+    """Per architecture, a chunk of the last layer (the final norm included)
+    with a 4-bit LUT; Llama also its first chunk without a LUT. Llama's
+    embeddings, LM head (both functions, or logits only) and monolithic
+    model with a LUT on each part; without LUTs, Gemma 3's (embeddings
+    folded, a head tied to them, ring caches) and Qwen2's monolithic model
+    (traced in fp32 for its biases)."""
     out = {}
     for arch in ARCHS:
-        folder = tiny_models[arch]
-        layers = HFSource.open(folder).config["num_hidden_layers"]
-        out[arch] = both_routes(arch, folder, tmp_path_factory.mktemp(arch), BITS, range(layers - 1, layers))
-    out["llama-fp16"] = both_routes("llama", tiny_models["llama"], tmp_path_factory.mktemp("fp16"), None, range(0, 1))
+        layers = TINY[arch]["num_hidden_layers"]
+        out[arch] = Part(arch, dict(layers=range(layers - 1, layers), embeddings=False, lm_head=False),
+                         {export.LAYERS_SCOPE: BITS}, export.chunk_function, CHUNK)
+    out["llama-fp16"] = Part("llama", dict(layers=range(0, 1), embeddings=False, lm_head=False), {},
+                             export.chunk_function, CHUNK)
+    ends = dict(layers=range(0), embeddings=False, lm_head=False)
+    for arch, luts in (("llama", ALL_LUTS), ("gemma3", {})):
+        out[f"{arch}-embeddings"] = Part(arch, {**ends, "embeddings": True}, luts, export.embeddings_function,
+                                         {"main": {}})
+        out[f"{arch}-head"] = Part(arch, {**ends, "lm_head": True, "lm_head_split": 4}, luts,
+                                   export.head_function, HEAD)
+    out["llama-head-logits"] = Part("llama", {**ends, "lm_head": True, "lm_head_split": 4}, ALL_LUTS,
+                                    export.head_function, {"main": {}})
+    for arch, luts in (("llama", ALL_LUTS), ("gemma3", {}), ("qwen2", {})):
+        out[f"{arch}-monolithic"] = Part(arch, {"lm_head_split": 4}, luts, export.monolithic_function, CHUNK)
     return out
 
 
-CASES = ARCHS + ("llama-fp16",)
+PARTS = parts()
+CASES = tuple(PARTS)
+
+
+@pytest.fixture(scope="module")
+def made(tiny_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    return {case: both_routes(tiny_models[part.arch], tmp_path_factory.mktemp(case), part)
+            for case, part in PARTS.items()}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_direct_chunk_has_the_frontends_interface_and_ops(case, chunks):
-    made = chunks[case]
+def test_direct_part_has_the_frontends_interface_and_ops(case, made):
+    made = made[case]
     assert interface(made["direct"]) == interface(made["frontend"])
     # the frontend's Gemma 3 program keeps 4 identity ops (they compute
     # nothing) that the direct one does not have; every other op matches
@@ -132,24 +204,28 @@ def test_direct_chunk_has_the_frontends_interface_and_ops(case, chunks):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_direct_chunk_computes_what_the_frontends_does(case, chunks, tiny_models):
-    made = chunks[case]
-    hidden = HFSource.open(tiny_models[case.split("-")[0]]).config["hidden_size"]
-    ours, cache = run(made["direct"], hidden, seed=1)
-    theirs, their_cache = run(made["frontend"], hidden, seed=1)
-    assert len(cache) == len(their_cache) and any(np.abs(c).max() > 0 for c in cache)
+def test_direct_part_computes_what_the_frontends_does(case, made, tiny_models):
+    part, made = PARTS[case], made[case]
+    config = HFSource.open(tiny_models[part.arch]).config
+    ours, cache = run(made["direct"], part, config, seed=1)
+    theirs, their_cache = run(made["frontend"], part, config, seed=1)
+    assert len(cache) == len(their_cache) and (not part.stateful or any(np.abs(c).max() > 0 for c in cache))
     for a, b in zip(cache, their_cache):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)
+    assert len(ours) == len(theirs) > 0
     for a, b in zip(ours, theirs):
-        assert np.isfinite(a).all()
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=0, atol=2e-2)
+        assert a.dtype == b.dtype and np.isfinite(a).all() and np.abs(a).max() > 0
+        if a.dtype.kind == "i":  # the argmax heads' indices
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=0, atol=2e-2)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_direct_chunk_stores_what_the_frontends_stores(case, chunks):
+def test_direct_part_stores_what_the_frontends_stores(case, made):
     def size(p: Path, pattern: str) -> int:
         return sum(f.stat().st_size for f in p.rglob(pattern) if f.is_file())
 
-    made = chunks[case]
+    made = made[case]
     assert size(made["direct"], "weight.bin") == size(made["frontend"], "weight.bin")
     assert size(made["direct"], "*") <= 1.01 * size(made["frontend"], "*")

@@ -1,6 +1,8 @@
-"""Torch parts -> Core ML packages: tracing, ``ct.convert`` with the input,
-output and state names of the ANEMLL layout, LUT encoding, combining the
-``infer`` and ``prefill`` functions, compiling to ``.mlmodelc``."""
+"""Torch parts -> Core ML packages: each part's functions with the input,
+output and state names of the ANEMLL layout (what both routes trace), the
+torch frontend's route (``ct.convert`` of the traced part with its weights,
+LUT encoding; the reference and baseline of convert/program.py's),
+combining single-function packages, metadata, compiling to ``.mlmodelc``."""
 from __future__ import annotations
 
 import logging
@@ -175,10 +177,8 @@ def _convert(traced, inputs, outputs, states=None, lut: Lut | list[Lut] | None =
     stored as ``constexpr_lut_to_dense``."""
     ct = _ct()
     luts = [lut] if isinstance(lut, Lut) else list(lut or [])
-    kw = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
+    kw = dict(inputs=inputs, outputs=outputs, states=states or None, minimum_deployment_target=ct.target.iOS18,
               compute_precision=ct.precision.FLOAT16)
-    if states:
-        kw["states"] = states
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not luts:
@@ -217,13 +217,25 @@ def _trace_dtype(lm: AneLM) -> tuple[AneLM, torch.dtype]:
     return lm, dtype
 
 
-def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
+@dataclass
+class Function:
+    """One function of a part, as both routes build it: the torch module to
+    trace (one of the parts above, over the model), example inputs to trace
+    it with, and the Core ML inputs, outputs and states."""
+
+    module: nn.Module
+    example: tuple
+    inputs: list
+    outputs: list
+    states: list
+
+
+def embeddings_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype) -> Function:
     ct = _ct()
-    lm, _ = _trace_dtype(lm)
-    traced = _trace(EmbeddingsPart(lm), (torch.zeros(1, 1, dtype=torch.int32),))
     ids = ct.TensorType(name="input_ids", dtype=np.int32,
                         shape=ct.EnumeratedShapes(shapes=[(1, 1), (1, shapes.batch)], default=(1, 1)))
-    return _convert(traced, [ids], [ct.TensorType(name="hidden_states", dtype=np.float16)], lut=lut)
+    return Function(EmbeddingsPart(lm), (torch.zeros(1, 1, dtype=torch.int32),), [ids],
+                    [ct.TensorType(name="hidden_states", dtype=np.float16)], [])
 
 
 def _step(lm: AneLM, seq: int, dtype) -> tuple[list, list, list[str]]:
@@ -247,39 +259,22 @@ def _states(lm: AneLM) -> list:
                          name=f"model.model.{name}") for name, kv in lm.caches().items()]
 
 
-def chunk_interface(ct, lm: AneLM, shapes: Shapes, prefill: bool, dtype: torch.dtype):
-    """A chunk function's example inputs to trace with, their input types,
-    the names of the step inputs after ``hidden_states`` and
-    ``position_ids`` (``ChunkPart``'s ``names``), and its states; shared by
-    this route and the direct one (convert/program.py)."""
+def chunk_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype, prefill: bool) -> Function:
+    """``infer`` (one token) or ``prefill`` (a batch) of an FFN chunk."""
+    ct = _ct()
     seq = shapes.batch if prefill else 1
     example, inputs, names = _step(lm, seq, dtype)
-    example = [torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example]
-    inputs = [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs]
-    return example, inputs, names, _states(lm)
+    return Function(ChunkPart(lm, prefill, names), (torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example),
+                    [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs],
+                    [ct.TensorType(name="output_hidden_states", dtype=np.float16)], _states(lm))
 
 
-def chunk_outputs(ct) -> list:
-    return [ct.TensorType(name="output_hidden_states", dtype=np.float16)]
-
-
-def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
-    """One chunk function through the torch frontend (the route before
-    convert/program.py's; kept as its reference and the bench's baseline)."""
+def head_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype, argmax: bool = False) -> Function:
+    """The split LM head's logits, or with ``argmax`` each split's winner."""
     ct = _ct()
-    lm, dtype = _trace_dtype(lm)
-    example, inputs, names, states = chunk_interface(ct, lm, shapes, prefill, dtype)
-    traced = _trace(ChunkPart(lm, prefill, names), tuple(example))
-    lm.reset_cache()  # tracing ran the model once; the state must start empty
-    return _convert(traced, inputs, chunk_outputs(ct), states, lut)
-
-
-def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):
-    ct = _ct()
-    lm, dtype = _trace_dtype(lm)
-    traced = _trace(HeadPart(lm, argmax), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),))
     inputs = [ct.TensorType(name="hidden_states", shape=(1, 1, shapes.hidden), dtype=np.float16)]
-    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), lut=lut)
+    return Function(HeadPart(lm, argmax), (torch.zeros(1, 1, shapes.hidden, dtype=dtype),), inputs,
+                    _head_outputs(ct, len(lm.lm_head.sizes), argmax), [])
 
 
 def _head_outputs(ct, splits: int, argmax: bool) -> list:
@@ -288,18 +283,44 @@ def _head_outputs(ct, splits: int, argmax: bool) -> list:
     return [ct.TensorType(name=f"logits{i + 1}", dtype=np.float16) for i in range(splits)]
 
 
-def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None,
-                      argmax: bool = False):
-    """One function (``infer`` or ``prefill``) of a monolithic model; with
-    ``argmax`` it returns each split's winner, as ANEMLL's ``--argmax``."""
+def monolithic_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype, prefill: bool,
+                        argmax: bool = False) -> Function:
+    """``infer`` or ``prefill`` of a monolithic model; with ``argmax`` it
+    returns each split's winner, as ANEMLL's ``--argmax``."""
     ct = _ct()
-    lm, dtype = _trace_dtype(lm)
     seq = shapes.batch if prefill else 1
     example, inputs, names = _step(lm, seq, dtype)
-    traced = _trace(MonolithicPart(lm, prefill, names, argmax), (torch.zeros(1, seq, dtype=torch.int32), *example))
-    lm.reset_cache()
-    inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32), *inputs]
-    return _convert(traced, inputs, _head_outputs(ct, len(lm.lm_head.sizes), argmax), _states(lm), luts)
+    return Function(MonolithicPart(lm, prefill, names, argmax), (torch.zeros(1, seq, dtype=torch.int32), *example),
+                    [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32), *inputs],
+                    _head_outputs(ct, len(lm.lm_head.sizes), argmax), _states(lm))
+
+
+def _export(lm: AneLM, shapes: Shapes, function, lut: Lut | list[Lut] | None, **kw):
+    """One function through the torch frontend, the weights in the traced
+    graph: the route before convert/program.py's, kept as its reference and
+    the bench's baseline (bench/export_paths.py)."""
+    lm, dtype = _trace_dtype(lm)
+    f = function(lm, shapes, dtype, **kw)
+    traced = _trace(f.module, f.example)
+    lm.reset_cache()  # tracing ran the model once; the state must start empty
+    return _convert(traced, f.inputs, f.outputs, f.states, lut)
+
+
+def export_embeddings(lm: AneLM, shapes: Shapes, lut: Lut | None = None):
+    return _export(lm, shapes, embeddings_function, lut)
+
+
+def export_chunk(lm: AneLM, shapes: Shapes, prefill: bool, lut: Lut | None = None):
+    return _export(lm, shapes, chunk_function, lut, prefill=prefill)
+
+
+def export_head(lm: AneLM, shapes: Shapes, lut: Lut | None = None, argmax: bool = False):
+    return _export(lm, shapes, head_function, lut, argmax=argmax)
+
+
+def export_monolithic(lm: AneLM, shapes: Shapes, prefill: bool, luts: list[Lut] | None = None,
+                      argmax: bool = False):
+    return _export(lm, shapes, monolithic_function, luts, prefill=prefill, argmax=argmax)
 
 
 def dense_weights(mlmodel, op_type: str, scope: str = "") -> list[str]:

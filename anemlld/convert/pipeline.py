@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from anemlld import __version__, layout
-from torch import nn
-
-from anemlld.convert import calibrate, estimate, export, lut, program
+from anemlld.convert import calibrate, estimate, export, program
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
@@ -323,15 +321,6 @@ def _save(model, path: Path) -> None:
     tmp.rename(path)
 
 
-def _quantize(st: _Stages, name: str, lm, part: str, p: Plan, kind, weight: float):
-    """k-means the torch weights of ``part`` (``lut_ffn``, ...) once; the export encodes them."""
-    bits, group = getattr(p.options, part), p.options.group_size(part)
-    if bits is None:
-        return None
-    st.run("quantize", name, weight, lut.quantize_module, lm, bits, group, kind)
-    return export.Lut(bits, group, "gather" if kind is nn.Embedding else "conv")
-
-
 def _calibrate(p: Plan, st: _Stages) -> None:
     """Measure the fp16 range (convert/calibrate.py); the parts are then
     built with the residual scale it chose."""
@@ -371,106 +360,85 @@ def _loaded(p: Plan, st: _Stages, name: str, args: ModelArgs | None = None, **pa
     return lm
 
 
+def _build_direct(p: Plan, st: _Stages, work: Path, name: str, part: dict, luts: dict[str, tuple[int, int]],
+                  quantize_w: float, export_w: float, function: Callable, shapes: export.Shapes,
+                  variants: dict[str, dict], meta: dict[str, str], description: str) -> None:
+    """One part through the direct route (convert/program.py): its weights
+    read, and quantized with ``luts``, once, one at a time, for every
+    function of ``variants``, which are built and saved as one package."""
+    direct = st.run("load", name, 0.0, lambda: program.DirectPart(
+        p.architecture, p.args, p.options.context_length, p.source.get, p.source.close, p.ring, **part))
+    st.run("quantize" if luts else "load", name, quantize_w, direct.read, luts)
+    model = st.run("export", name, export_w, direct.export, function, shapes, variants)
+    del direct
+    export.set_metadata(model, meta, description)
+    _save(model, work / f"{name}.mlpackage")
+    del model
+    gc.collect()
+
+
+def _luts(p: Plan, *parts: tuple[str, str]) -> dict[str, tuple[int, int]]:
+    """(scope, option) -> the LUTs of the options set: scope -> (bits, group size)."""
+    o = p.options
+    return {scope: (getattr(o, option), o.group_size(option)) for scope, option in parts if getattr(o, option)}
+
+
 def _build_end(p: Plan, shapes, work: Path, st: _Stages, w: float, q: float, head: bool) -> None:
-    """The embeddings part (``head`` False) or the split LM head (True)."""
+    """The embeddings part (``head`` False) or the split LM head (True);
+    with ``argmax_in_model`` the head has ``logits`` (the default, what
+    every runner calls) and ``argmax`` functions over one copy of its weights."""
     name = p.parts[-1] if head else p.parts[0]
-    target = work / f"{name}.mlpackage"
-    if target.exists():
+    if (work / f"{name}.mlpackage").exists():
         st.done += w * (1 + q)
         return
-    lm = _loaded(p, st, name, layers=range(0), embeddings=not head, lm_head=head, lm_head_split=p.lm_head_split)
-    if head:
-        part, kind, fn, what = "lut_lm_head", nn.Conv2d, export.export_head, f"LM head in {p.lm_head_split} parts"
+    part = dict(layers=range(0), embeddings=not head, lm_head=head, lm_head_split=p.lm_head_split)
+    functions = ""
+    if not head:
+        option, function, variants, what = "lut_embeddings", export.embeddings_function, {"main": {}}, \
+            "token embeddings"
+        luts = _luts(p, (export.EMBEDDINGS_SCOPE, option))
     else:
-        part, kind, fn, what = "lut_embeddings", nn.Embedding, export.export_embeddings, "token embeddings"
-    bits = getattr(p.options, part)
-    table = _quantize(st, name, lm, part, p, kind, w * q)
-    if head and p.options.argmax_in_model:
-        _build_head_functions(p, shapes, work, st, name, lm, table, w, what)
-        return
-    model = st.run("export", name, w, fn, lm, shapes, table)
-    del lm
-    export.set_metadata(model, _metadata(p, bits), what)
-    _save(model, target)
-    gc.collect()
-
-
-def _build_head_functions(p: Plan, shapes, work: Path, st: _Stages, name: str, lm: AneLM, table, w: float,
-                          what: str) -> None:
-    """The LM head with ``logits`` (default, what every runner calls) and
-    ``argmax`` over the same (once quantized) weights, stored once."""
-    fn_paths = {}
-    for fn, argmax in ((export.LOGITS, False), (export.ARGMAX, True)):
-        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
-        model = st.run("export", f"{name} ({fn})", w / 2, export.export_head, lm, shapes, table, argmax)
-        _save(model, fn_paths[fn])
-        del model
-    del lm
-    meta = _metadata(p, p.options.lut_lm_head, functions=f"{export.LOGITS},{export.ARGMAX}")
-    st.run("combine", name, 0.0, export.combine, fn_paths, work / f"{name}.mlpackage", meta,
-           f"{what}: logits, or each part's argmax")
-    for path in fn_paths.values():
-        shutil.rmtree(path, ignore_errors=True)
-    gc.collect()
+        option, function, what = "lut_lm_head", export.head_function, f"LM head in {p.lm_head_split} parts"
+        luts = _luts(p, (export.HEAD_SCOPE, option))
+        variants = {"main": {}}
+        if p.options.argmax_in_model:
+            variants = {export.LOGITS: {"argmax": False}, export.ARGMAX: {"argmax": True}}
+            functions, what = ",".join(variants), f"{what}: logits, or each part's argmax"
+    _build_direct(p, st, work, name, part, luts, w * q, w, function, shapes, variants,
+                  _metadata(p, getattr(p.options, option), functions=functions), what)
 
 
 def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: range, w: float,
                  q: float) -> None:
     name = p.parts[1 + index]
-    target = work / f"{name}.mlpackage"
-    if target.exists():
+    if (work / f"{name}.mlpackage").exists():
         st.done += w * (2 + q)
         return
-    bits = p.options.lut_ffn
-    # Read and quantized once, one weight at a time, for both functions
-    # (infer and prefill), which are built and saved as one package.
-    chunk = st.run("load", name, 0.0, program.DirectChunk, p.architecture, p.args, layers,
-                   p.options.context_length, p.source.get, p.source.close, p.ring)
-    st.run("quantize" if bits else "load", name, w * q, chunk.read, bits, p.options.group_size("lut_ffn"))
-    model = st.run("export", name, 2 * w, chunk.export_combined, shapes)
-    del chunk
-    meta = _metadata(p, bits, index + 1, f"{export.INFER},{export.PREFILL}")
-    export.set_metadata(model, meta, f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}")
-    _save(model, target)
-    del model
-    gc.collect()
+    variants = {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}}
+    _build_direct(p, st, work, name, dict(layers=layers, embeddings=False, lm_head=False),
+                  _luts(p, (export.LAYERS_SCOPE, "lut_ffn")), w * q, 2 * w, export.chunk_function, shapes, variants,
+                  _metadata(p, p.options.lut_ffn, index + 1, ",".join(variants)),
+                  f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}")
 
 
 def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[[int | None], float]) -> None:
     """Embeddings, every layer and the head in one package, functions
     ``infer`` and ``prefill``; each part keeps its own LUT."""
     name = p.parts[0]
-    target = work / f"{name}.mlpackage"
     o, args = p.options, p.args
     emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
-    if target.exists():
-        st.done += 2 * (emb_w + layers_w) + emb_w * (quant(o.lut_embeddings) + quant(o.lut_lm_head)) \
-            + layers_w * quant(o.lut_ffn)
+    quantize_w = emb_w * (quant(o.lut_embeddings) + quant(o.lut_lm_head)) + layers_w * quant(o.lut_ffn)
+    export_w = 2 * (emb_w + layers_w)
+    if (work / f"{name}.mlpackage").exists():
+        st.done += quantize_w + export_w
         return
-    lm = _loaded(p, st, name, lm_head_split=p.lm_head_split)
-    tables = []
-    for part, kind, module, scope, w in (
-            ("lut_embeddings", nn.Embedding, lm.model, export.EMBEDDINGS_SCOPE, emb_w),
-            ("lut_ffn", nn.Conv2d, lm.model, export.LAYERS_SCOPE, layers_w),
-            ("lut_lm_head", nn.Conv2d, lm.lm_head, export.HEAD_SCOPE, emb_w)):
-        table = _quantize(st, f"{name} ({part.removeprefix('lut_')})", module, part, p, kind,
-                          w * quant(getattr(o, part)))
-        if table is not None:
-            tables.append(dataclasses.replace(table, scope=scope))
-    fn_paths = {}
-    for fn, prefill in ((export.INFER, False), (export.PREFILL, True)):
-        fn_paths[fn] = work / f"{name}.{fn}.mlpackage"
-        model = st.run("export", f"{name} ({fn})", emb_w + layers_w, export.export_monolithic, lm, shapes,
-                       prefill, tables)
-        _save(model, fn_paths[fn])
-        del model
-        gc.collect()
-    del lm
-    meta = _metadata(p, o.lut_ffn, functions=f"{export.INFER},{export.PREFILL}")
-    st.run("combine", name, 0.0, export.combine, fn_paths, target, meta,
-           f"monolithic: embeddings, {args.num_hidden_layers} decoder layers, LM head in {p.lm_head_split} parts")
-    for path in fn_paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    luts = _luts(p, (export.EMBEDDINGS_SCOPE, "lut_embeddings"), (export.LAYERS_SCOPE, "lut_ffn"),
+                 (export.HEAD_SCOPE, "lut_lm_head"))
+    variants = {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}}
+    _build_direct(p, st, work, name, dict(lm_head_split=p.lm_head_split), luts, quantize_w, export_w,
+                  export.monolithic_function, shapes, variants,
+                  _metadata(p, o.lut_ffn, functions=",".join(variants)),
+                  f"monolithic: embeddings, {args.num_hidden_layers} decoder layers, LM head in {p.lm_head_split} parts")
 
 
 def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, float]) -> None:

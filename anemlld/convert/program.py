@@ -1,18 +1,22 @@
-"""FFN chunks exported without the torch frontend ever seeing a weight.
+"""Parts exported without the torch frontend ever seeing a weight.
 
-The torch part (``export.ChunkPart`` over the architecture's file) is traced
-once per function with every projection weight lifted out as an extra input:
+Every part (embeddings, FFN chunk, LM head, monolithic model) is one of
+export's torch parts over the architecture's file, traced once per function
+with every projection and embedding weight lifted out as an extra input:
 placeholders of the right shape that take no memory (one zero, expanded). The
 torch frontend then converts a program of activations only, in seconds
 whatever the model's size, and each lifted input is replaced by the
 checkpoint's weight, read and quantized one at a time straight into a
 ``constexpr_lut_to_dense`` (or an fp16 const without a LUT). So the program
 is generated from the one definition of the architecture, and no copy of the
-chunk in fp32 or fp16 is ever made: what stays in memory is the quantized
-chunk (indices and tables), which is the output being written.
+part in fp32 or fp16 is ever made: what stays in memory is the quantized
+part (indices and tables), which is the output being written. A part's
+functions (``infer`` and ``prefill``; ``logits`` and ``argmax``) are built
+into one program over one copy of the weights.
 
-The frontend's route (``export.export_chunk``) stays for embeddings and the
-LM head, and as the baseline ``bench/export_paths.py`` measures this against.
+The frontend's route (``export.export_chunk`` and the others) stays as the
+reference the tests compare this with and the baseline ``bench/export_paths.py``
+measures it against.
 """
 from __future__ import annotations
 
@@ -25,11 +29,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anemlld.convert import export, lut
 from anemlld.convert.models import build
-from anemlld.convert.models.base import AneLM, ModelArgs, weights_loaded_later
+from anemlld.convert.models.base import ModelArgs, expected_shape, last_read, weights_loaded_later
 from shared.errors import AnemllError
 
 log = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Weight:
-    """One projection weight as it goes into the program."""
+    """One lifted weight as it goes into the program."""
 
     shape: tuple[int, ...]
     dense: np.ndarray | None = None    # fp16, without a LUT
@@ -45,29 +50,35 @@ class Weight:
     indices: np.ndarray | None = None  # weight-shaped, uint8 holding ``bits``-bit values
 
 
-class LiftedChunk(export.ChunkPart):
-    """``ChunkPart`` whose projection weights are inputs of ``forward``
-    after the step inputs ``names``, in the order of ``convs``."""
+class Lifted(nn.Module):
+    """``function``'s module whose ``lifted`` weights are inputs of
+    ``forward`` after its own, in their order. The module is held outside
+    the submodules, and its model under the same ``model`` attribute: the
+    traced buffers (the states) keep their names."""
 
-    def __init__(self, lm: AneLM, prefill: bool, names: list[str], convs: list[nn.Conv2d]):
-        super().__init__(lm, prefill, names)
-        self.convs = convs
+    def __init__(self, function: export.Function, lifted: list[nn.Module]):
+        super().__init__()
+        self.model = function.module.model
+        self.__dict__["part"] = function.module
+        self.count, self.lifted = len(function.example), lifted
 
-    def forward(self, hidden_states, position_ids, *rest):
-        step, weights = rest[:len(self.names)], rest[len(self.names):]
-        with _lifted(self.convs, weights):
-            return super().forward(hidden_states, position_ids, *step)
+    def forward(self, *args):
+        with _lifted(self.lifted, args[self.count:]):
+            return self.part(*args[:self.count])
 
 
 @contextmanager
-def _lifted(convs: list[nn.Conv2d], weights):
-    for conv, w in zip(convs, weights):
-        conv.forward = lambda x, conv=conv, w=w: conv._conv_forward(x, w, conv.bias)
+def _lifted(modules: list[nn.Module], weights):
+    for m, w in zip(modules, weights):
+        if isinstance(m, nn.Embedding):
+            m.forward = lambda ids, m=m, w=w: F.embedding(ids, w, m.padding_idx)
+        else:
+            m.forward = lambda x, m=m, w=w: m._conv_forward(x, w, m.bias)
     try:
         yield
     finally:
-        for conv in convs:
-            del conv.forward
+        for m in modules:
+            del m.forward
 
 
 def input_name(param: str) -> str:
@@ -104,97 +115,126 @@ def share_constants(prog) -> None:
                 op.weight_id = ids.setdefault(key, f"shared_{len(ids)}")
 
 
-class DirectChunk:
-    """One FFN chunk: the torch part without its projection weights, and
-    those weights read (and quantized) one at a time from ``get``."""
+ROWS = 8192  # rows of a weight folded in fp32 at a time
 
-    def __init__(self, architecture: str, args: ModelArgs, layers: range, context_length: int,
+
+class DirectPart:
+    """One part (embeddings, FFN chunk, LM head, monolithic model; ``part``
+    as ``build`` takes it): the torch model without its projection and
+    embedding weights, and those weights read (and quantized) one at a
+    time from ``get``."""
+
+    def __init__(self, architecture: str, args: ModelArgs, context_length: int,
                  get: Callable[[str], torch.Tensor], release: Callable[[], None] | None = None,
-                 ring: int | None = None):
+                 ring: int | None = None, **part):
         """``release`` (optional) unmaps the checkpoint: called after each
         weight is read, so that its pages do not stay resident with the
-        quantized chunk. ``ring``: as ``AneLM``'s."""
+        quantized part. ``ring``: as ``AneLM``'s."""
         with weights_loaded_later():
-            lm = build(architecture, args, layers=layers, embeddings=False, lm_head=False,
-                       context_length=context_length, ring=ring)
-        # names as ChunkPart sees them: its ``model.`` before the model's own
-        self.convs = {f"model.{name}.weight": m for name, m in lm.named_modules() if isinstance(m, nn.Conv2d)}
-        self.shapes = {name: tuple(m.weight.shape) for name, m in self.convs.items()}
-        for m in self.convs.values():  # skip_init left them unallocated: shapes only, before anything touches them
+            lm = build(architecture, args, context_length=context_length, ring=ring, **part)
+        # names as the export parts see them: their ``model.`` before the model's own
+        self.lifted = {f"model.{name}.weight": m for name, m in lm.named_modules()
+                       if isinstance(m, (nn.Conv2d, nn.Embedding))}
+        self.shapes = {name: tuple(m.weight.shape) for name, m in self.lifted.items()}
+        for m in self.lifted.values():  # skip_init left them unallocated: shapes only, before anything touches them
             m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
-        lm.load_weights(get, skip=lambda name: f"model.{name}" in self.convs)
+        lm.load_weights(get, skip=lambda name: f"model.{name}" in self.lifted)
         self.lm, self.dtype = export._trace_dtype(lm)
-        self.get, self.release, self.layers = get, release, layers
+        self.get, self.release = get, release
         self.weights: dict[str, Weight] = {}
 
-    def read(self, bits: int | None, group_size: int) -> int:
-        """Read every projection weight, one at a time, quantized to ``bits``
-        (k-means per group of ``group_size`` rows) or as fp16. Returns the count."""
+    def read(self, luts: dict[str, tuple[int, int]]) -> int:
+        """Read every lifted weight, one at a time: a weight named with a
+        scope of ``luts`` (``export.LAYERS_SCOPE``: (bits, group size))
+        quantized with k-means per group of rows, the others as fp16.
+        Returns the count."""
+        get = last_read(self.get)
         for name, shape in self.shapes.items():
-            tensor = self.lm._read(self.get, name.removeprefix("model."))
-            if tuple(tensor.shape) != shape[:2]:
-                raise AnemllError(f"weight {name} has shape {tuple(tensor.shape)}, expected {shape[:2]}",
+            ours = name.removeprefix("model.")
+            tensor = self.lm.checkpoint_tensor(get, ours)
+            if tuple(tensor.shape) != expected_shape(ours, self.lm.get_parameter(ours)):
+                raise AnemllError(f"weight {ours} has shape {tuple(tensor.shape)}, expected {shape[:2]}",
                                   "the weights do not match config.json; re-download the model", stage="load",
                                   code="bad_input")
-            tensor = tensor.reshape(shape).float()  # fp32 as load_weights folds it, one weight at a time
-            self.lm.fold(name.removeprefix("model."), tensor)
-            if bits is None:
-                self.weights[name] = Weight(shape, dense=tensor.to(torch.float16).numpy())
+            weight = self._folded(ours, tensor).reshape(shape)
+            del tensor
+            lut_of = next((v for scope, v in luts.items() if name.startswith(scope)), None)
+            if lut_of is None:
+                self.weights[name] = Weight(shape, dense=weight.numpy())
             else:
-                q = lut.quantize_weight(tensor, bits, group_size)
+                bits, group_size = lut_of
+                # fp16 in: the quantizer clusters the values Core ML stores
+                q = lut.quantize_weight(weight, bits, group_size)
                 g = lut.group_size_for(shape[0], group_size)
                 table = q.lut.numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
-                # in the dtype the program stores, once for both functions
+                # in the dtype the program stores, once for every function
                 self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(lut.index_dtype(bits)))
-            del tensor
+                del q
+            del weight
             if self.release is not None:
                 self.release()
-        log.debug("read %d weights of layers %s, %s", len(self.weights), self.layers, f"LUT {bits}" if bits else "fp16")
+        log.debug("read %d weights (%s)", len(self.weights), ", ".join(f"{s}: LUT {b}" for s, (b, _) in luts.items())
+                  or "fp16")
         return len(self.weights)
 
-    def export_combined(self, shapes: export.Shapes):
-        """``infer`` (the default) and ``prefill`` in one ML program, each
-        weight stored once for both: what ``export.combine`` makes of two
-        ``export`` packages, without writing, reading back and hashing them."""
+    def _folded(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` folded in fp32 as ``load_weights`` folds it, rounded to
+        fp16; a block of rows at a time, so that no fp32 copy of an
+        embedding table is ever made."""
+        out = torch.empty(tensor.shape, dtype=torch.float16)
+        for start in range(0, tensor.shape[0], ROWS):
+            block = tensor[start:start + ROWS].to(torch.float32, copy=True)
+            self.lm.fold(name, block)
+            out[start:start + ROWS] = block
+        return out
+
+    def export(self, function: Callable[..., export.Function], shapes: export.Shapes,
+               variants: dict[str, dict]):
+        """The ML program of one function per entry of ``variants`` (name ->
+        arguments of ``function``, an ``export.*_function``), each weight
+        stored once for all of them: what ``export.combine`` makes of
+        single-function packages, without writing, reading back and hashing
+        them. One entry: a plain program (function ``main``); more: a
+        multifunction program whose default is the first."""
         from coremltools import _SPECIFICATION_VERSION_IOS_18
         from coremltools.converters.mil.converter import mil_convert
         from coremltools.converters.mil.mil import Program
 
         if len(self.weights) != len(self.shapes):
-            raise RuntimeError("DirectChunk.read must run before export")
+            raise RuntimeError("DirectPart.read must run before export")
         ct = export._ct()
-        both = Program()
-        for name, prefill in ((export.INFER, False), (export.PREFILL, True)):
-            both.add_function(name, self._program(ct, shapes, prefill).functions["main"])
-        share_constants(both)
-        both.default_function_name = export.INFER
-        both.skip_all_passes = True
-        both.export_as_multifunction = True
-        both.validate()
+        prog = Program()
+        for name, kw in variants.items():
+            fn = self._program(ct, function(self.lm, shapes, self.dtype, **kw)).functions["main"]
+            prog.add_function(name if len(variants) > 1 else "main", fn)
+        share_constants(prog)
+        if len(variants) > 1:
+            prog.default_function_name = next(iter(variants))
+            prog.export_as_multifunction = True
+        prog.skip_all_passes = True
+        prog.validate()
         with warnings.catch_warnings(), validated_once():
             warnings.simplefilter("ignore")
-            return mil_convert(both, convert_to="mlprogram", convert_from="milinternal",
+            return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal",
                                specification_version=_SPECIFICATION_VERSION_IOS_18,
                                compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
 
-    def _program(self, ct, shapes: export.Shapes, prefill: bool):
-        lm, dtype = self.lm, self.dtype
-        names = list(self.convs)
-        example, inputs, step, states = export.chunk_interface(ct, lm, shapes, prefill, dtype)
-        placeholders = tuple(torch.zeros((), dtype=dtype).expand(self.shapes[n]) for n in names)
-        part = LiftedChunk(lm, prefill, step, [self.convs[n] for n in names])
-        traced = export._trace(part, tuple(example) + placeholders)
-        lm.reset_cache()
-        inputs += [ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
+    def _program(self, ct, f: export.Function):
+        """``f`` converted by the torch frontend with every lifted weight a
+        placeholder input, then those inputs replaced by the weights."""
+        names = list(self.lifted)
+        placeholders = tuple(torch.zeros((), dtype=self.dtype).expand(self.shapes[n]) for n in names)
+        traced = export._trace(Lifted(f, [self.lifted[n] for n in names]), tuple(f.example) + placeholders)
+        self.lm.reset_cache()
+        inputs = f.inputs + [ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
         with warnings.catch_warnings(), validated_once():
             warnings.simplefilter("ignore")
-            prog = ct.convert(traced, convert_to="milinternal", inputs=inputs, outputs=export.chunk_outputs(ct),
-                              states=states, minimum_deployment_target=ct.target.iOS18,
+            prog = ct.convert(traced, convert_to="milinternal", inputs=inputs, outputs=f.outputs,
+                              states=f.states or None, minimum_deployment_target=ct.target.iOS18,
                               compute_precision=ct.precision.FLOAT16)
         prog.validate(check_essential_scope=True)
         self._put_weights(prog, names)
         return prog
-
     def _put_weights(self, prog, names: list[str]) -> None:
         """Each lifted input replaced by its weight as a constant; run as a
         coremltools graph pass, so that the new ops get scope info."""

@@ -641,36 +641,44 @@ class AneLM(nn.Module):
                     start += rows
         return None
 
-    def _read(self, get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+    def checkpoint_tensor(self, get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+        """The checkpoint's tensor for our parameter ``name`` as stored (convs
+        2-D, not yet folded): its rows of a fused tensor, or of the LM head
+        for one of its splits. ``get`` may be asked for the same tensor
+        several times in a row (:func:`last_read` keeps one)."""
+        if name.startswith("lm_head.splits."):
+            i = int(name.split(".")[2])
+            start = sum(self.lm_head.sizes[:i])
+            return get(self.head_key)[start:start + self.lm_head.sizes[i]]
         source = self._source_of(name)
         if source is None:
             return get(name)
         fused, start, end = source
         return get(fused)[start:end]
 
+    @property
+    def head_key(self) -> str:
+        """The checkpoint tensor the split LM head is read from."""
+        return "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
+
     def fold(self, name: str, weight: torch.Tensor) -> None:
         """Fold the constant factors an architecture applies to parameter
-        ``name`` into its loaded ``weight``, in place (none here)."""
+        ``name`` into its loaded ``weight``, in place (none here). Row by row:
+        a block of rows folds as the whole tensor would."""
 
     def load_weights(self, get: Callable[[str], torch.Tensor], skip: Callable[[str], bool] | None = None) -> None:
         """Fill every parameter from the checkpoint through ``get(name)``,
         but those ``skip(name)`` is true of."""
+        get = last_read(get)
         for name, param in self.named_parameters():
-            if name.startswith("lm_head.splits.") or (skip is not None and skip(name)):
+            if skip is not None and skip(name):
                 continue
-            tensor = self._read(get, name)
+            tensor = self.checkpoint_tensor(get, name)
             if param.dim() == 4 and tensor.dim() == 2:
                 tensor = tensor[:, :, None, None]
             _copy(name, param, tensor)
             with torch.no_grad():
                 self.fold(name, param)
-        if self.lm_head is not None:
-            key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
-            full = get(key)
-            start = 0
-            for conv, n in zip(self.lm_head.splits, self.lm_head.sizes):
-                _copy(key, conv.weight, full[start:start + n, :, None, None])
-                start += n
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         """The checkpoint tensors this model reads, with their expected shapes."""
@@ -686,13 +694,25 @@ class AneLM(nn.Module):
                 rows = max(end, out.get(fused, (0,))[0])
                 out[fused] = (rows, *expected_shape(name, p)[1:])
         if self.lm_head is not None:
-            key = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
-            out[key] = (self.args.vocab_size, self.args.hidden_size)
+            out[self.head_key] = (self.args.vocab_size, self.args.hidden_size)
         return out
 
     def reset_cache(self) -> None:
         for kv in self.caches().values():
             kv.zero_()
+
+
+def last_read(get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``get`` that keeps the last tensor it read: the splits of the LM head
+    and the parts of a fused tensor each come from one read."""
+    last: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if name not in last:
+            last.clear()
+            last[name] = get(name)
+        return last[name]
+    return read
 
 
 def expected_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
