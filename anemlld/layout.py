@@ -111,6 +111,13 @@ class Layout:
         return "argmax" in str(self.params.get("lm_head_functions", "")).split(",")
 
     @property
+    def monolithic_argmax_function(self) -> bool:
+        """The monolithic model has an ``argmax`` function (an infer step
+        returning each split's winner) beside ``infer`` and ``prefill`` (ours,
+        with ``--argmax-in-model``)."""
+        return self.monolithic and "argmax" in str(self.params.get("monolithic_functions", "")).split(",")
+
+    @property
     def lm_head_chunk_sizes(self) -> list[int]:
         """Vocabulary entries per LM-head split, in order: maps a split's own
         argmax to a token id."""

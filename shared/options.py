@@ -86,7 +86,7 @@ class ConvertOptions:
     lut_lm_head: int | None = 6
     prefix: str | None = None  # default: the architecture's
     architecture: str | None = None  # default: detected from config.json
-    argmax_in_model: bool = False  # the LM head also gets an ``argmax`` function (greedy decoding reads one id)
+    argmax_in_model: bool = False  # the LM head (or monolithic model) also gets an ``argmax`` function (greedy decoding reads one id)
     monolithic: bool = False  # one package: embeddings, every layer and the head
     lut_group_size: int = field(default=16, metadata={"internal": True})  # output channels per table
     # A part's own group size, from "bits,group" in its lut_* option (0: per tensor; None: lut_group_size)
@@ -129,9 +129,6 @@ class ConvertOptions:
         if batch > ctx:
             raise BadInput(f"batch_size {batch} is larger than context_length {ctx}",
                            f"lower batch_size to a divisor of {ctx}, such as {_divisor_below(ctx, batch)}")
-        if self.monolithic and self.argmax_in_model:
-            raise BadInput("argmax_in_model is not implemented for monolithic models yet",
-                           "leave out one of monolithic and argmax_in_model")
         if self.monolithic and self.chunks not in ("auto", 1):
             raise BadInput(f"chunks = {self.chunks} asks for FFN chunks, and a monolithic model has none",
                            "leave chunks unset (or 1) with monolithic, or leave out monolithic")

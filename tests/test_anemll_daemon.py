@@ -1,7 +1,8 @@
 """A real daemon serving every layout ANEMLL 0.3.5 makes, dropped as folders:
 ours with the argmax head, ANEMLL's argmax-only head with update_mask
 prefill, ANEMLL's monolithic folder, and a Hugging Face folder converted by
-the daemon from a sidecar asking for a monolithic model with LUT groups. Each
+the daemon from a sidecar asking for a monolithic model with LUT groups and
+an argmax function, served by its worker. Each
 chat answers with the tokens the engine gives in-process; a sampled request
 to the argmax-only model is refused with the fix, and the daemon goes on."""
 from __future__ import annotations
@@ -22,6 +23,7 @@ SIDECAR = """\
 context_length = 64
 batch_size = 16
 monolithic = true
+argmax_in_model = true
 lut_embeddings = "none"
 lut_ffn = "4,8"
 lut_lm_head = "6,0"

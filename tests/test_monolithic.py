@@ -69,13 +69,63 @@ def test_a_monolithic_model_above_max_chunk_mb_is_refused_before_any_work(tiny_m
 
 
 @pytest.mark.parametrize("options, needle", [
-    ({"monolithic": True, "argmax_in_model": True}, "argmax_in_model"),
     ({"monolithic": True, "chunks": 2}, "chunks = 2"),
     ({"monolithic": "maybe"}, "monolithic = 'maybe'"),
 ])
 def test_options_that_do_not_go_with_monolithic_are_refused(options, needle):
     with pytest.raises(BadInput, match=needle):
         ConvertOptions.from_mapping({**BASE, **options})
+
+
+@pytest.fixture(scope="module")
+def mono_argmax(tiny_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mono-argmax") / "tiny-mono-argmax"
+    pipeline.convert(tiny_models["llama"], out, ConvertOptions.from_mapping(
+        {**BASE, "monolithic": True, "argmax_in_model": True}))
+    return out
+
+
+def test_argmax_in_model_adds_an_argmax_function_over_the_same_weights_and_anemll_reads_logits(mono_argmax, mono):
+    import coremltools as ct
+
+    pkg = mono_argmax / "llama_monolithic_full.mlpackage"
+    spec = ct.utils.load_spec(str(pkg))
+    functions = {f.name: f for f in spec.description.functions}
+    assert list(functions) == ["infer", "prefill", "argmax"] and spec.description.defaultFunctionName == "infer"
+    fields = lambda xs: [(x.name, str(x.type)) for x in xs]  # noqa: E731
+    infer, argmax = functions["infer"], functions["argmax"]
+    assert fields(argmax.input) == fields(infer.input) and fields(argmax.state) == fields(infer.state)
+    assert [o.name for o in infer.output] == [f"logits{i + 1}" for i in range(8)]
+    assert [o.name for o in argmax.output] == ["argmax_idx", "argmax_val"]
+    assert spec.description.metadata.userDefined["com.anemll.functions"] == "infer,prefill,argmax"
+    weights = lambda p: sum(f.stat().st_size for f in p.rglob("weight.bin"))  # noqa: E731
+    assert weights(pkg) == weights(mono / "llama_monolithic_full.mlpackage")  # one copy for all three
+    params = yaml.safe_load((mono_argmax / "meta.yaml").read_text())["model_info"]["parameters"]
+    assert params["argmax_in_model"] is False  # ANEMLL's runner calls infer and prefill for logits
+    assert params["monolithic_functions"] == "infer,prefill,argmax" and "lm_head_functions" not in params
+    lay = layout.read_meta(mono_argmax)
+    assert lay.monolithic_argmax_function and not lay.argmax_only
+
+
+def test_greedy_decoding_runs_the_argmax_function_and_matches_transformers(mono_argmax, tiny_models, monkeypatch):
+    from anemlld.runtime.portable import PortableModel
+
+    engine = Engine(mono_argmax, executor="portable")
+    calls = []
+    real = PortableModel.predict_tensors
+    monkeypatch.setattr(PortableModel, "predict_tensors",
+                        lambda self, inputs, state=None, function=None: calls.append(function)
+                        or real(self, inputs, state, function))
+    done = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=16))
+    want, gaps = hf_greedy(tiny_models["llama"], PROMPT, 16)
+    assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 8
+    # a prefill batch of 16, 3 tokens through infer, then the prompt's last token and 15 decoding steps
+    # through argmax: one prediction per token, as with logits
+    assert calls == ["prefill"] + ["infer"] * 3 + ["argmax"] * 16
+    assert done.stats.predictions_per_token == 1.0
+    calls.clear()
+    sampled = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=4, temperature=0.7, seed=1))
+    assert len(sampled.token_ids) == 4 and "argmax" not in calls  # sampling reads the logits of infer
 
 
 @pytest.fixture(scope="module")

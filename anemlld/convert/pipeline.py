@@ -423,7 +423,8 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
 
 def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[[int | None], float]) -> None:
     """Embeddings, every layer and the head in one package, functions
-    ``infer`` and ``prefill``; each part keeps its own LUT."""
+    ``infer`` and ``prefill``, and with ``argmax_in_model`` ``argmax`` (an
+    infer step returning each split's winner); each part keeps its own LUT."""
     name = p.parts[0]
     o, args = p.options, p.args
     emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
@@ -435,6 +436,8 @@ def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[
     luts = _luts(p, (export.EMBEDDINGS_SCOPE, "lut_embeddings"), (export.LAYERS_SCOPE, "lut_ffn"),
                  (export.HEAD_SCOPE, "lut_lm_head"))
     variants = {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}}
+    if o.argmax_in_model:
+        variants[export.ARGMAX] = {"prefill": False, "argmax": True}
     _build_direct(p, st, work, name, dict(lm_head_split=p.lm_head_split), luts, quantize_w, export_w,
                   export.monolithic_function, shapes, variants,
                   _metadata(p, o.lut_ffn, functions=",".join(variants)),
@@ -476,9 +479,11 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
     if o.argmax_in_model:
         params["lm_head_functions"] = f"{export.LOGITS},{export.ARGMAX}"
     if o.monolithic:  # one file instead of the three kinds of parts, as ANEMLL 0.3.5 writes it
-        for key in ("embeddings", "lm_head", "ffn", "num_chunks"):
-            del params[key]
+        for key in ("embeddings", "lm_head", "ffn", "num_chunks", "lm_head_functions"):
+            params.pop(key, None)
         params.update(model_type="monolithic", monolithic_model=p.parts[0] + ext, lut_bits=o.lut_ffn or "none")
+        if o.argmax_in_model:  # beside infer and prefill, which return logits as ANEMLL's runner reads them
+            params["monolithic_functions"] = f"{export.INFER},{export.PREFILL},{export.ARGMAX}"
     if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
         windows = args.layer_windows
         params.update(sliding_window=args.sliding_window, ring_size=p.ring,

@@ -300,7 +300,7 @@ class Engine:
                               "this is an engine bug: the context window should have been managed",
                               code="internal")
         while i < len(ids) and pos % self.align:
-            hidden = self._infer(session, ids[i], pos)
+            hidden = self._infer(session, ids[i], pos, greedy and i == len(ids) - 1)
             pos, i = pos + 1, i + 1
         while len(ids) - i >= b and pos + b <= self.ctx:
             if cancel is not None and cancel.is_set():
@@ -310,14 +310,15 @@ class Engine:
             hidden = ex.ffn(h, self.steps.step(pos, b, session.ring), session.state, PREFILL)
             session.tokens.extend(part)
             pos, i = pos + b, i + b
-        for t in ids[i:]:
-            hidden = self._infer(session, t, pos)
+        for k, t in enumerate(ids[i:], start=i):
+            hidden = self._infer(session, t, pos, greedy and k == len(ids) - 1)
             pos += 1
         return ex.argmax(hidden) if greedy else ex.logits(hidden)
 
-    def _infer(self, session: Session, token: int, pos: int):
+    def _infer(self, session: Session, token: int, pos: int, greedy: bool = False):
+        """One token through ``infer``; ``greedy``: only its argmax will be read."""
         h = self.executor.embed(np.asarray([[token]], dtype=np.int32))
-        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, INFER)
+        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, INFER, greedy)
         session.tokens.append(token)
         return hidden
 

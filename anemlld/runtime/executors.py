@@ -8,7 +8,8 @@ state into logits (the split LM head concatenated) or straight into the
 greedy token (the head's ``argmax`` function, or an argmax-only head). A
 monolithic model's one package stands for all of them: ``embed`` passes the
 token ids through, ``ffn`` runs the package and returns its outputs, which
-``logits`` and ``argmax`` read.
+``logits`` and ``argmax`` read; told that only the greedy token will be read,
+it runs the model's ``argmax`` function instead of ``infer`` where it has one.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Executor:
         self.predictions = 0  # model calls so far (the engine counts them per token)
         # Where each LM-head split starts in the vocabulary.
         self._offsets = np.cumsum([0] + layout.lm_head_chunk_sizes[:-1]) if (
-            layout.argmax_only or layout.head_argmax_function) else None
+            layout.argmax_only or layout.head_argmax_function or layout.monolithic_argmax_function) else None
 
     @property
     def has_argmax(self) -> bool:
@@ -70,12 +71,23 @@ class Executor:
     def embed(self, input_ids: np.ndarray) -> Any:
         raise NotImplementedError
 
-    def ffn(self, hidden: Any, step: dict[str, np.ndarray], state: Any, function: str) -> Any:
+    def ffn(self, hidden: Any, step: dict[str, np.ndarray], state: Any, function: str, greedy: bool = False) -> Any:
         """Run every chunk's ``function`` over ``hidden``; ``step`` holds the
         other inputs the chunks declare (``position_ids``, ``causal_mask``,
         ``current_pos``, and for sliding-window layers ``local_mask``,
-        ``ring_pos``), as the engine computes them."""
+        ``ring_pos``), as the engine computes them. ``greedy``: only
+        ``argmax`` will be asked of the result."""
         raise NotImplementedError
+
+    def _monolithic_function(self, function: str, greedy: bool) -> str:
+        """The function a monolithic model runs for ``function``: its
+        ``argmax`` for an infer step whose greedy token is all that is read."""
+        return ARGMAX if greedy and function == INFER and self.layout.monolithic_argmax_function else function
+
+    @staticmethod
+    def _has_winners(out: Any) -> bool:
+        """Whether ``out`` (a head's or a monolithic model's outputs) holds each split's argmax."""
+        return not isinstance(out, dict) or "argmax_idx" in out
 
     def logits(self, hidden: Any) -> np.ndarray:
         raise NotImplementedError
@@ -104,7 +116,8 @@ class Executor:
         if not self.layout.argmax_only:
             self.logits(hidden)
         if self.has_argmax:
-            self.argmax(hidden)
+            self.argmax(self.ffn(h, steps.step(0, 1, steps.new_ring()), self.make_state(), INFER, greedy=True)
+                        if self.layout.monolithic_argmax_function else hidden)
 
 
 MASKS = frozenset({"causal_mask", "local_mask"})
@@ -189,11 +202,11 @@ class PortableExecutor(Executor):
         self.predictions += 1
         return self.embeddings.predict_tensors({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, step, state, function):
+    def ffn(self, hidden, step, state, function, greedy=False):
         inputs = self._ffn_inputs(hidden, step, function)
         if self.layout.monolithic:
             self.predictions += 1
-            return self.chunks[0].predict_tensors(inputs, state, function)  # the head's outputs
+            return self.chunks[0].predict_tensors(inputs, state, self._monolithic_function(function, greedy))
         for chunk in self.chunks:
             inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
         self.predictions += len(self.chunks)
@@ -213,7 +226,7 @@ class PortableExecutor(Executor):
         return torch.cat([out[k].reshape(-1) for k in self._outputs]).float().cpu().numpy()
 
     def argmax(self, hidden):
-        if not self.has_argmax:
+        if not self.has_argmax or not self._has_winners(hidden):
             return super().argmax(hidden)
         out = self._head(hidden, self._argmax_fn)
         return self._token(out["argmax_idx"].cpu().numpy(), out["argmax_val"].cpu().numpy())
@@ -243,7 +256,8 @@ class CoreMLExecutor(Executor):
         if layout.monolithic:  # one model, both functions; no embeddings or head of its own
             report(paths[0].name, 0.0)
             self.embeddings = self.head = self.head_argmax = None
-            self.chunks = [{fn: self._load(paths[0], fn) for fn in (INFER, PREFILL)}]
+            functions = (INFER, PREFILL, ARGMAX) if layout.monolithic_argmax_function else (INFER, PREFILL)
+            self.chunks = [{fn: self._load(paths[0], fn) for fn in functions}]
         else:
             report(paths[0].name, 0.0)
             self.embeddings = self._load(paths[0])
@@ -277,10 +291,11 @@ class CoreMLExecutor(Executor):
         self.predictions += 1
         return self.embeddings.predict({"input_ids": input_ids.astype(np.int32)})["hidden_states"]
 
-    def ffn(self, hidden, step, state, function):
+    def ffn(self, hidden, step, state, function, greedy=False):
         if self.layout.monolithic:
             self.predictions += 1
-            return self.chunks[0][function].predict(self._ffn_inputs(hidden, step, function), state)
+            return self.chunks[0][self._monolithic_function(function, greedy)].predict(
+                self._ffn_inputs(hidden, step, function), state)
         inputs = self._ffn_inputs(np.asarray(hidden, dtype=np.float16), step, function)
         for chunk in self.chunks:
             out = chunk[function].predict(inputs, state)
@@ -301,7 +316,7 @@ class CoreMLExecutor(Executor):
                               ).astype(np.float32)
 
     def argmax(self, hidden):
-        if not self.has_argmax:
+        if not self.has_argmax or not self._has_winners(hidden):
             return super().argmax(hidden)
         out = self._head(hidden, self.head_argmax)
         return self._token(out["argmax_idx"], out["argmax_val"])
