@@ -34,8 +34,8 @@ def _add_convert(sub) -> None:
     c.add_argument("--prefix", help="file name prefix (default from the architecture: gemma3, llama, mistral, phi3, qwen)")
     c.add_argument("--architecture", help=f"override detection: {', '.join(ARCHITECTURES)}")
     c.add_argument("--argmax-in-model", action="store_true", default=None,
-                   help="give the LM head an argmax function beside its logits: greedy decoding reads one token "
-                        "id instead of the whole vocabulary")
+                   help="give the LM head (or the monolithic model) an argmax function beside its logits: "
+                        "greedy decoding reads one token id instead of the whole vocabulary")
     c.add_argument("--monolithic", action="store_true", default=None,
                    help="one package with the embeddings, every layer and the LM head (one prediction per token); "
                         "refused when it would exceed --max-chunk-mb")
