@@ -42,6 +42,24 @@ def test_estimate_names_every_part_with_its_size(wide_llama):
     assert est.seconds == pytest.approx(sum(est.stage_seconds.values())) and est.seconds > 0
 
 
+def test_each_part_is_priced_once_for_all_its_functions_and_never_combined(wide_llama):
+    def plan(**options):
+        p = pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, **options}))
+        p.source.close()
+        return p
+
+    logits, both = estimate.estimate(plan()), estimate.estimate(plan(argmax_in_model=True))
+    assert [part.functions for part in both.parts] == [1, 2, 2]  # the head: logits and argmax
+    # the argmax function adds its tracing, not a second copy of the head's weights
+    assert both.stage_seconds["export"] - logits.stage_seconds["export"] == pytest.approx(
+        estimate.FIXED_SECONDS["export"])
+    mono = plan(monolithic=True, argmax_in_model=True, chunks="auto")
+    (part,) = estimate.estimate(mono).parts
+    assert part.functions == 3 and part.layer_weights == mono.args.layer_params
+    assert estimate.disk_bytes(mono) == mono.estimated_bytes + 2 * part.bytes
+    assert "combine" not in estimate.estimate(mono).stage_seconds
+
+
 def test_speed_factor_scales_the_time_and_a_bad_one_is_refused(wide_llama, monkeypatch):
     p = pipeline.plan(wide_llama, ConvertOptions.from_mapping(OPTIONS))
     p.source.close()

@@ -2,23 +2,15 @@
 it needs, its peak memory and its time on this machine, from per-weight
 rates; and, while it runs, the time left from the rate measured so far.
 
-The rates were measured with bench/convert_1b.py on the development machine
-(Linux x86-64, 2 cores; the 222 s run in bench/README.md's history table):
-export 134 s for 2,472 M weight-exports (the embeddings, the LM head and
-every decoder layer twice, once per function), k-means 49 s for 1,236 M
-quantized weights, combine 31 s for 973 M chunk weights, load 4 s for
-1,499 M weights; less, in each stage, a fixed cost per unit of work
-measured on the trained pico model there (4 M weights, no other load: 3 s
-per exported function, 0.7 s per quantized part, 2.7 s per combined chunk),
-which is what a tiny model's conversion mostly is. FFN chunks are exported
-directly (convert/program.py): bench/export_paths.py measured that route at
-export, save and combine 6.1x faster than the one above on a 4-layer
-1B-shaped chunk, under a load of about 4 on 2 cores where the old route took
-40 s per layer; scaled to the quiet machine that is 0.02 s per million
-weights of the chunk, both functions, and no combine stage. Another machine
-scales them; ``ANEMLL_CONVERT_SPEED`` (a
-factor, 2 = twice as fast) corrects the estimate for one that is known to be
-faster or slower.
+Every part is exported directly (convert/program.py): its functions traced
+and converted without weights, then each weight read, quantized and
+stored once for all of them. The rates were measured with
+bench/convert_1b.py on the development machine (Linux x86-64, 2 cores; the
+last row of bench/README.md's history table): RATES_NOTE. A fixed cost per
+exported function and per quantized part (measured on the trained pico
+model, 4 M weights) is what a tiny model's conversion mostly is. Another
+machine scales them; ``ANEMLL_CONVERT_SPEED`` (a factor, 2 = twice as fast)
+corrects the estimate for one that is known to be faster or slower.
 """
 from __future__ import annotations
 
@@ -34,13 +26,14 @@ if TYPE_CHECKING:
     from anemlld.convert.pipeline import Plan
 
 MB = 1024 * 1024
-FIXED_SECONDS = {"export": 3.0, "quantize": 0.7, "combine": 2.7, "load": 0.0}  # per function, part, chunk
-SECONDS_PER_MILLION = {"export": (134 - 4 * 3.0) / 2472, "quantize": (49 - 2 * 0.7) / 1236,
-                       "combine": (31 - 2.7) / 973, "load": 4 / 1499}
-DIRECT_CHUNK = {"fixed": 1.5, "per_million": 0.02}  # seconds per chunk (both functions), per M chunk weights
+FIXED_SECONDS = {"export": 1.5, "quantize": 0.7, "load": 0.0}  # per exported function, per quantized part
+SECONDS_PER_MILLION = {"quantize": 44.4 / 1236, "load": 1.8 / 1499}
+# Export, per million weights of the part (all its functions at once): the
+# decoder layers' and the embeddings' or LM head's.
+EXPORT_PER_MILLION = {"layers": 30.4 / 973, "ends": 0.01}
 SPEED_ENV = "ANEMLL_CONVERT_SPEED"
-# The progress bar's weights per unit of work, relative to exporting it once.
-QUANTIZE_WEIGHT = SECONDS_PER_MILLION["quantize"] / SECONDS_PER_MILLION["export"]
+# The progress bar's weights per unit of work, relative to exporting a layer weight.
+QUANTIZE_WEIGHT = SECONDS_PER_MILLION["quantize"] / EXPORT_PER_MILLION["layers"]
 
 
 def bytes_per_weight(bits: int | None) -> float:
@@ -52,8 +45,8 @@ class Part:
     name: str
     weights: int
     bits: int | None
-    functions: int  # exported once per function (chunks: infer and prefill)
-    direct: bool = False  # an FFN chunk, exported by convert/program.py (both functions at once, no combine)
+    functions: int  # traced and converted once each (chunks: infer and prefill)
+    layer_weights: int = 0  # of ``weights``, those of decoder layers (the rest: embeddings, LM head)
 
     @property
     def bytes(self) -> int:
@@ -81,11 +74,14 @@ def parts(plan: "Plan") -> list[Part]:
     """The parts a plan makes, in the order they are built."""
     args, o = plan.args, plan.options
     ends = args.vocab_size * args.hidden_size
-    if o.monolithic:  # one package, both functions; sized at the FFN's LUT (the bulk of it)
-        return [Part(plan.parts[0], 2 * ends + args.num_hidden_layers * args.layer_params, o.lut_ffn, 2)]
-    chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2, direct=True)
+    argmax = 1 if o.argmax_in_model else 0  # an argmax function beside the logits
+    if o.monolithic:  # one package; sized at the FFN's LUT (the bulk of it)
+        layers = args.num_hidden_layers * args.layer_params
+        return [Part(plan.parts[0], 2 * ends + layers, o.lut_ffn, 2 + argmax, layers)]
+    chunks = [Part(name, len(r) * args.layer_params, o.lut_ffn, 2, len(r) * args.layer_params)
               for name, r in zip(plan.parts[1:-1], plan.chunk_ranges)]
-    return [Part(plan.parts[0], ends, o.lut_embeddings, 1), *chunks, Part(plan.parts[-1], ends, o.lut_lm_head, 1)]
+    return [Part(plan.parts[0], ends, o.lut_embeddings, 1), *chunks,
+            Part(plan.parts[-1], ends, o.lut_lm_head, 1 + argmax)]
 
 
 def check_part_sizes(plan: "Plan") -> None:
@@ -111,12 +107,8 @@ def check_part_sizes(plan: "Plan") -> None:
 def disk_bytes(plan: "Plan") -> int:
     """The output, and two copies of its largest part while that is saved
     (coremltools' temporary package, and ours written beside its final name,
-    then renamed); the monolithic export keeps both fp16 functions until they
-    are combined."""
-    largest = max(part.bytes for part in parts(plan))
-    if plan.options.monolithic:
-        return plan.estimated_bytes + 2 * int(parts(plan)[0].weights * bytes_per_weight(None))
-    return plan.estimated_bytes + 2 * largest
+    then renamed)."""
+    return plan.estimated_bytes + 2 * max(part.bytes for part in parts(plan))
 
 
 def speed() -> float:
@@ -134,21 +126,14 @@ def speed() -> float:
 
 def estimate(plan: "Plan") -> Estimate:
     ps = parts(plan)
-    work = {  # stage: (units of fixed cost, weights)
-        "load": (0, sum(p.weights for p in ps)),
-        "quantize": (sum(1 for p in ps if p.bits), sum(p.weights for p in ps if p.bits)),
-        "export": (sum(p.functions for p in ps if not p.direct), sum(p.weights * p.functions for p in ps
-                                                                        if not p.direct)),
-        "combine": (sum(1 for p in ps if p.functions > 1 and not p.direct),
-                    sum(p.weights for p in ps if p.functions > 1 and not p.direct)),
+    quantized = [p for p in ps if p.bits]
+    seconds = {
+        "load": sum(p.weights for p in ps) / 1e6 * SECONDS_PER_MILLION["load"],
+        "quantize": len(quantized) * FIXED_SECONDS["quantize"]
+        + sum(p.weights for p in quantized) / 1e6 * SECONDS_PER_MILLION["quantize"],
+        "export": sum(p.functions * FIXED_SECONDS["export"] + p.layer_weights / 1e6 * EXPORT_PER_MILLION["layers"]
+                      + (p.weights - p.layer_weights) / 1e6 * EXPORT_PER_MILLION["ends"] for p in ps),
     }
-    seconds = {stage: units * FIXED_SECONDS[stage] + weights / 1e6 * SECONDS_PER_MILLION[stage]
-               for stage, (units, weights) in work.items()}
-    direct = [p for p in ps if p.direct]
-    seconds["export"] += len(direct) * DIRECT_CHUNK["fixed"] + sum(p.weights for p in direct) / 1e6 \
-        * DIRECT_CHUNK["per_million"]
-    if not any(p.functions > 1 and not p.direct for p in ps):
-        del seconds["combine"]
     factor = speed()
     seconds = {stage: s / factor for stage, s in seconds.items()}
     return Estimate(ps, plan.chunk_ranges, disk_bytes(plan), memory.peak_estimate(plan), seconds)

@@ -12,24 +12,14 @@ if TYPE_CHECKING:
 
 MB = 1024 * 1024
 
-# Measured with bench/convert_1b.py on the Llama-3.2-1B shape (README): a
-# chunk of 8 decoder layers (487 M weights) peaked at 5.26 GiB in its export,
-# the LM head (263 M weights) at 5.39 GiB in an earlier run, each with about
-# 0.5 GiB of interpreter, torch and coremltools under it. That is 10.5 bytes
-# per weight of the chunk being exported (fp16 weights, their fp32 copies in
-# the traced graph and in the MIL program, the serialized blob) and 19 for
-# the head (its 16 split projections and their logits add copies). Rounded
-# up so that a slightly larger shape still fits what we asked for.
-# Chunks are now exported directly (convert/program.py): bench/export_paths.py
-# measured a 4-layer 1B-shaped chunk (243 M weights) at 1,323 MB, 3.3 bytes
-# per weight over the base (the quantizer's working memory over the
-# quantized chunk). The monolithic export still goes through the frontend.
+# Every part is exported directly (convert/program.py): what a part holds at
+# its peak is its quantized weights (the output being written), the weight
+# being read (the checkpoint's tensor and its fp16 copy) and the quantizer's
+# temporaries. bench/export_paths.py measured a 4-layer 1B-shaped chunk (243 M
+# weights) at 1,323 MB, 3.3 bytes per weight over the base. END_NOTE
 BASE_BYTES = 512 * MB
 BYTES_PER_CHUNK_WEIGHT = 4
-BYTES_PER_FRONTEND_CHUNK_WEIGHT = 11
-# The 1B run after that change peaked at 3.49 GB in the LM head's export:
-# 11.4 bytes per head weight over the base; 13 leaves room for larger heads.
-BYTES_PER_END_WEIGHT = 13  # embeddings or LM head: the head is the costly one
+BYTES_PER_END_WEIGHT = 13  # embeddings or LM head
 
 
 def peak_estimate(plan: "Plan") -> int:
@@ -41,8 +31,8 @@ def peak_estimate(plan: "Plan") -> int:
     # every chunk holds the whole model's KV state (fp16), traced in fp32
     state = 2 * args.num_hidden_layers * args.num_key_value_heads * plan.options.context_length \
         * args.head_dim * 4
-    if plan.options.monolithic:  # every part in the one export
-        return BASE_BYTES + BYTES_PER_FRONTEND_CHUNK_WEIGHT * largest_chunk + state + 2 * BYTES_PER_END_WEIGHT * end
+    if plan.options.monolithic:  # every part in the one export: both ends' weights beside the layers'
+        return BASE_BYTES + BYTES_PER_CHUNK_WEIGHT * largest_chunk + state + 2 * BYTES_PER_END_WEIGHT * end
     return BASE_BYTES + max(BYTES_PER_CHUNK_WEIGHT * largest_chunk + state, BYTES_PER_END_WEIGHT * end)
 
 

@@ -1,4 +1,4 @@
-"""One conversion, stage by stage: inspect -> export -> quantize -> combine ->
+"""One conversion, stage by stage: inspect -> load -> quantize -> export ->
 compile -> publish.
 
 Everything is built in a work folder beside the output (``.NAME.partial``)
@@ -36,7 +36,7 @@ ProgressFn = Callable[["Progress"], None]
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str       # inspect, export, quantize, combine, compile, publish, done
+    stage: str       # inspect, calibrate, load, quantize, export, compile, publish, done
     part: str        # the part being worked on ("" for whole-job stages)
     fraction: float  # of the whole conversion, 0..1
     message: str = ""
@@ -254,7 +254,7 @@ def convert(src_dir: str | Path, out_dir: str | Path, options: ConvertOptions | 
     layer_w = args.layer_params
     quant = lambda bits: estimate.QUANTIZE_WEIGHT if bits else 0.0  # noqa: E731 (k-means cost per weight, export = 1)
     total = (emb_w * (1 + quant(o.lut_embeddings)) + emb_w * (1 + quant(o.lut_lm_head))
-             + sum(len(r) * layer_w * (2 + quant(o.lut_ffn)) for r in p.chunk_ranges))
+             + sum(len(r) * layer_w * (1 + quant(o.lut_ffn)) for r in p.chunk_ranges))
     st = _Stages(progress, total, estimate.estimate(p).seconds)
     skipped = f"; the text model only, {p.source.skipped} other tensors skipped" if p.source.skipped else ""
     st.report("inspect", "", f"{p.architecture}, {args.num_hidden_layers} layers, {p.num_chunks} chunks{skipped}")
@@ -412,11 +412,11 @@ def _build_chunk(p: Plan, shapes, work: Path, st: _Stages, index: int, layers: r
                  q: float) -> None:
     name = p.parts[1 + index]
     if (work / f"{name}.mlpackage").exists():
-        st.done += w * (2 + q)
+        st.done += w * (1 + q)
         return
     variants = {export.INFER: {"prefill": False}, export.PREFILL: {"prefill": True}}
     _build_direct(p, st, work, name, dict(layers=layers, embeddings=False, lm_head=False),
-                  _luts(p, (export.LAYERS_SCOPE, "lut_ffn")), w * q, 2 * w, export.chunk_function, shapes, variants,
+                  _luts(p, (export.LAYERS_SCOPE, "lut_ffn")), w * q, w, export.chunk_function, shapes, variants,
                   _metadata(p, p.options.lut_ffn, index + 1, ",".join(variants)),
                   f"decoder layers {layers.start}-{layers.stop - 1} of {p.args.num_hidden_layers}")
 
@@ -429,7 +429,7 @@ def _build_monolithic(p: Plan, shapes, work: Path, st: _Stages, quant: Callable[
     o, args = p.options, p.args
     emb_w, layers_w = args.vocab_size * args.hidden_size, args.num_hidden_layers * args.layer_params
     quantize_w = emb_w * (quant(o.lut_embeddings) + quant(o.lut_lm_head)) + layers_w * quant(o.lut_ffn)
-    export_w = 2 * (emb_w + layers_w)
+    export_w = 2 * emb_w + layers_w
     if (work / f"{name}.mlpackage").exists():
         st.done += quantize_w + export_w
         return
