@@ -614,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  child exited {run['rc']} after {run['wall']:.0f} s (load avg {load_average()})")
     print()
     from anemlld.convert import pipeline
-    report(run, read_events(events), out, base, t_model, child_log, pipeline.plan(src, opts))
+    plan = pipeline.plan(src, opts)
+    plan.source.close()
+    report(run, read_events(events), out, base, t_model, child_log, plan)
     if a.workdir is None and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
