@@ -179,3 +179,139 @@ def with_update_mask_prefill(folder: Path, src: Path) -> Path:
     source.close()
     edit_meta(folder, update_mask_prefill=True, prefill_dynamic_slice=False)
     return folder
+
+
+# --- Gemma 3 as ANEMLL 0.3.5 builds it (docs/anemll.md has the contract) -----
+
+GEMMA_FUNCTIONS = ("infer", "infer_rotate", "prefill", "prefill_rotate")  # (prefill?, rotate?) below
+GEMMA_MODES = {"infer": (False, False), "infer_rotate": (False, True), "prefill": (True, False),
+               "prefill_rotate": (True, True)}
+
+
+class AnemllGemmaFunction(torch.nn.Module):
+    """One function of a Gemma 3 FFN chunk as ANEMLL 0.3.5 builds it: inputs
+    ``hidden_states``, ``position_ids``, ``causal_mask`` (1, 1, S, context:
+    rows of the plain causal mask) and ``current_pos``; the global layers
+    write ``kv_cache_global`` at current_pos and attend through the whole
+    mask; the local layers keep ``kv_cache_local`` of ``window`` slots and
+    attend to all of them through the mask's first ``window`` columns. The
+    fill functions (``infer``, ``prefill``) write the local cache at
+    current_pos (prefill with a dynamic slice); the rotate functions shift it
+    left by S and write at ``window - S``. The last chunk's prefill returns
+    the first row, as ANEMLL's does: its runner never reads it. Built over our
+    own layers (``AneLM.layers_forward`` with a ring of ``window`` slots)."""
+
+    def __init__(self, lm, window: int, prefill: bool, rotate: bool):
+        super().__init__()
+        from anemlld.convert.models.base import cache_place
+
+        self.model, self.window, self.prefill, self.rotate = lm, window, prefill, rotate
+        windows = lm.args.layer_windows
+        self.local = [cache_place(lm.args, i) for i in lm.layer_range if windows[i] is not None]
+
+    def forward(self, hidden_states, position_ids, causal_mask, current_pos):
+        seq, w, body = hidden_states.shape[1], self.window, self.model.model
+        at = current_pos
+        if self.rotate:
+            kv = body.kv_cache_local
+            for index, count in self.local:
+                for row in (index, index + count):
+                    kv[row:row + 1, :, 0:w - seq, :] = kv[row:row + 1, :, seq:w, :].clone()
+            at = torch.full((1,), w - seq, dtype=torch.int32)
+        h = self.model.layers_forward(hidden_states, position_ids, causal_mask=causal_mask, current_pos=current_pos,
+                                      local_mask=causal_mask[:, :, :, :w], ring_pos=at)
+        return h[:, :1] if self.prefill and body.norm is not None else h
+
+
+def anemll_gemma_chunks(src: Path, ours: Path):
+    """The torch functions of each FFN chunk of ANEMLL's Gemma 3 layout for
+    ``src``, over the chunks, context and residual scale of ``ours`` (our
+    conversion of it), fp32, the functions of a chunk sharing its caches;
+    and the embeddings and LM head they go with, as one model."""
+    import json
+    import dataclasses
+
+    from anemlld.convert.models import ARCHITECTURES
+    from anemlld.convert.pipeline import split_layers
+
+    lay = layout.read_meta(ours)
+    manifest = json.loads((ours / layout.MANIFEST_FILE).read_text())
+    source = HFSource.open(src)
+    args = ARCHITECTURES["gemma3"].model_args(source.config)
+    args = dataclasses.replace(args, residual_scale=manifest.get("fp16_range", {}).get("residual_scale", 1.0))
+    window, out = args.sliding_window, []
+    for layers in split_layers(args.num_hidden_layers, lay.num_chunks):
+        with weights_loaded_later():
+            lm = build("gemma3", args, layers=layers, embeddings=False, lm_head=False,
+                       context_length=lay.context_length, ring=window)
+        lm.load_weights(source.get)
+        out.append({fn: AnemllGemmaFunction(lm, window, *GEMMA_MODES[fn]) for fn in GEMMA_FUNCTIONS})
+    with weights_loaded_later():
+        ends = build("gemma3", args, layers=range(0), lm_head_split=lay.split_lm_head,
+                     context_length=lay.context_length)
+    ends.load_weights(source.get)
+    source.close()
+    return out, ends
+
+
+def _export_gemma_function(fn: AnemllGemmaFunction, context: int, batch: int, path: Path) -> None:
+    import coremltools as ct
+    import numpy as np
+
+    from anemlld.convert.models.base import causal_mask
+
+    seq, hidden = (batch if fn.prefill else 1), fn.model.args.hidden_size
+    positions = torch.arange(seq, dtype=torch.int32)
+    example = (torch.zeros(1, seq, hidden, dtype=torch.float16), positions,
+               causal_mask(positions, context, torch.float16), torch.zeros(1, dtype=torch.int32))
+    traced = export._trace(fn, example)
+    fn.model.reset_cache()
+    inputs = [ct.TensorType(name="hidden_states", shape=(1, seq, hidden), dtype=np.float16),
+              ct.TensorType(name="position_ids", shape=(seq,), dtype=np.int32),
+              ct.TensorType(name="causal_mask", shape=(1, 1, seq, context), dtype=np.float16),
+              ct.TensorType(name="current_pos", shape=(1,), dtype=np.int32)]
+    export._convert(traced, inputs, export.chunk_outputs(ct), export._states(fn.model)).save(str(path))
+
+
+def anemll_gemma_folder(ours: Path, src: Path, dest: Path, split_rotate: bool = False) -> Path:
+    """``ours`` (our Gemma 3 conversion of ``src``, no LUT, a window shorter
+    than its context) with its FFN chunks rebuilt as ANEMLL 0.3.5 builds
+    them (``AnemllGemmaFunction``: two states, four functions per chunk) and
+    meta.yaml as it writes it; with ``split_rotate``, each chunk in two files
+    as its ``--split-rotate`` writes them, ``infer`` + ``infer_rotate`` in
+    ``gemma3_FFN_chunk_NNofMM_combined`` and ``prefill`` +
+    ``prefill_rotate`` in ``gemma3_PF_chunk_NNofMM`` (meta ``ffn``, ``pf``)."""
+    shutil.copytree(ours, dest)
+    lay = layout.read_meta(dest)
+    ctx, batch, n = lay.context_length, lay.batch_size, lay.num_chunks
+    for chunk in lay.chunks(".mlpackage"):
+        shutil.rmtree(chunk)
+    for i, functions in enumerate(anemll_gemma_chunks(src, ours)[0]):
+        lm = functions["infer"].model.half()
+        paths = {}
+        for name, fn in functions.items():
+            paths[name] = dest / f"{name}.mlpackage"
+            _export_gemma_function(fn, ctx, batch, paths[name])
+        files = ({f"gemma3_FFN_chunk_{i + 1:02d}of{n:02d}_combined": ("infer", "infer_rotate"),
+                  f"gemma3_PF_chunk_{i + 1:02d}of{n:02d}": ("prefill", "prefill_rotate")} if split_rotate else
+                 {f"gemma3_FFN_PF_chunk_{i + 1:02d}of{n:02d}": GEMMA_FUNCTIONS})
+        for stem, names in files.items():
+            export.combine({k: paths[k] for k in names}, dest / f"{stem}.mlpackage", {}, "ANEMLL-shaped Gemma 3")
+        for path in paths.values():
+            shutil.rmtree(path)
+        del lm
+    params = layout.read_meta(ours).params
+    meta = {"context_length": ctx, "batch_size": batch, "lut_embeddings": "none", "lut_ffn": "none",
+            "lut_lmhead": "none", "num_chunks": n, "model_prefix": "gemma3",
+            "embeddings": "gemma3_embeddings.mlmodelc", "lm_head": "gemma3_lm_head.mlmodelc",
+            "ffn": (f"gemma3_FFN_chunk_01of{n:02d}_combined.mlmodelc" if split_rotate
+                    else f"gemma3_FFN_PF_chunk_01of{n:02d}.mlmodelc"),
+            "split_lm_head": params["split_lm_head"], "num_logits": params["split_lm_head"],
+            "sliding_window": params["sliding_window"], "attention_size": ctx, "state_length": ctx,
+            "update_mask_prefill": False, "prefill_dynamic_slice": True, "argmax_in_model": False,
+            "vocab_size": params["vocab_size"], "lm_head_chunk_sizes": params["lm_head_chunk_sizes"]}
+    if split_rotate:
+        meta.update(split_rotate=True, pf=f"gemma3_PF_chunk_01of{n:02d}.mlmodelc")
+    layout.write_meta(dest, f"anemll-gemma3-ctx{ctx}", "0.3.5", "gemma3", meta)
+    (dest / layout.MANIFEST_FILE).unlink()
+    return dest

@@ -35,6 +35,7 @@ from anemlld.runtime import executors
 from anemlld.runtime.attention import Steps
 from anemlld.runtime.executors import INFER, PREFILL
 from anemlld.runtime.prefix_cache import Session, reusable
+from anemlld.runtime.rotation import Rotation
 from anemlld.runtime.sampling import Sampler, SamplingParams
 from shared.errors import AnemllError, BadInput
 
@@ -255,6 +256,7 @@ class Engine:
         self.steps = Steps.of(self.layout)
         # A ring is written in whole batches from multiples of the batch size.
         self.align = self.batch if self.steps.ring else 1
+        self.rotation = Rotation.of(self.layout)  # ANEMLL's Gemma 3: which function runs each position
         self.load_ms = (time.perf_counter() - t) * 1000
 
     @property
@@ -262,7 +264,8 @@ class Engine:
         return str(self.layout.info.get("name", self.layout.root.name))
 
     def new_session(self) -> Session:
-        return Session(self.executor.make_state(), ring=self.steps.new_ring())
+        ring = self.steps.new_ring() if self.rotation is None else self.rotation.new_cache()
+        return Session(self.executor.make_state(), ring=ring)
 
     # --- prompts ----------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
@@ -302,7 +305,7 @@ class Engine:
         while i < len(ids) and pos % self.align:
             hidden = self._infer(session, ids[i], pos)
             pos, i = pos + 1, i + 1
-        while len(ids) - i >= b and pos + b <= self.ctx:
+        while self._prefills(pos, len(ids) - i):
             if cancel is not None and cancel.is_set():
                 return None
             part = ids[i:i + b]
@@ -315,9 +318,19 @@ class Engine:
             pos += 1
         return ex.argmax(hidden) if greedy else ex.logits(hidden)
 
+    def _prefills(self, pos: int, left: int) -> bool:
+        """Whether the next ``left`` tokens at ``pos`` start with a prefill
+        batch. ANEMLL's Gemma 3 prefills only below its window, and never
+        the last token: its prefill returns no row to take logits from."""
+        b = self.batch
+        if self.rotation is not None:
+            return left > b and self.rotation.prefills(pos, b)
+        return left >= b and pos + b <= self.ctx
+
     def _infer(self, session: Session, token: int, pos: int):
         h = self.executor.embed(np.asarray([[token]], dtype=np.int32))
-        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, INFER)
+        function = INFER if self.rotation is None else self.rotation.infer_function(pos)
+        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, function)
         session.tokens.append(token)
         return hidden
 
