@@ -273,45 +273,46 @@ def _export_gemma_function(fn: AnemllGemmaFunction, context: int, batch: int, pa
     export._convert(traced, inputs, export.chunk_outputs(ct), export._states(fn.model)).save(str(path))
 
 
-def anemll_gemma_folder(ours: Path, src: Path, dest: Path, split_rotate: bool = False) -> Path:
+def anemll_gemma_folders(ours: Path, src: Path, root: Path) -> tuple[Path, Path]:
     """``ours`` (our Gemma 3 conversion of ``src``, no LUT, a window shorter
     than its context) with its FFN chunks rebuilt as ANEMLL 0.3.5 builds
     them (``AnemllGemmaFunction``: two states, four functions per chunk) and
-    meta.yaml as it writes it; with ``split_rotate``, each chunk in two files
-    as its ``--split-rotate`` writes them, ``infer`` + ``infer_rotate`` in
-    ``gemma3_FFN_chunk_NNofMM_combined`` and ``prefill`` +
-    ``prefill_rotate`` in ``gemma3_PF_chunk_NNofMM`` (meta ``ffn``, ``pf``)."""
-    shutil.copytree(ours, dest)
-    lay = layout.read_meta(dest)
+    meta.yaml as it writes it, twice from one export: ``root/four`` with the
+    four functions in one file per chunk, ``root/split`` as its
+    ``--split-rotate`` writes them, ``infer`` + ``infer_rotate`` in
+    ``gemma3_FFN_chunk_NNofMM_combined`` and ``prefill`` + ``prefill_rotate``
+    in ``gemma3_PF_chunk_NNofMM`` (meta ``ffn``, ``pf``)."""
+    lay = layout.read_meta(ours)
     ctx, batch, n = lay.context_length, lay.batch_size, lay.num_chunks
-    for chunk in lay.chunks(".mlpackage"):
-        shutil.rmtree(chunk)
+    folders = {"four": root / "four", "split": root / "split"}
+    for dest in folders.values():
+        shutil.copytree(ours, dest, ignore=shutil.ignore_patterns("*_FFN_*"))
     for i, functions in enumerate(anemll_gemma_chunks(src, ours)[0]):
-        lm = functions["infer"].model.half()
+        functions["infer"].model.half()
         paths = {}
         for name, fn in functions.items():
-            paths[name] = dest / f"{name}.mlpackage"
+            paths[name] = root / f"{name}.mlpackage"
             _export_gemma_function(fn, ctx, batch, paths[name])
-        files = ({f"gemma3_FFN_chunk_{i + 1:02d}of{n:02d}_combined": ("infer", "infer_rotate"),
-                  f"gemma3_PF_chunk_{i + 1:02d}of{n:02d}": ("prefill", "prefill_rotate")} if split_rotate else
-                 {f"gemma3_FFN_PF_chunk_{i + 1:02d}of{n:02d}": GEMMA_FUNCTIONS})
-        for stem, names in files.items():
-            export.combine({k: paths[k] for k in names}, dest / f"{stem}.mlpackage", {}, "ANEMLL-shaped Gemma 3")
+        files = {"four": {f"gemma3_FFN_PF_chunk_{i + 1:02d}of{n:02d}": GEMMA_FUNCTIONS},
+                 "split": {f"gemma3_FFN_chunk_{i + 1:02d}of{n:02d}_combined": ("infer", "infer_rotate"),
+                           f"gemma3_PF_chunk_{i + 1:02d}of{n:02d}": ("prefill", "prefill_rotate")}}
+        for kind, dest in folders.items():
+            for stem, names in files[kind].items():
+                export.combine({k: paths[k] for k in names}, dest / f"{stem}.mlpackage", {}, "ANEMLL-shaped Gemma 3")
         for path in paths.values():
             shutil.rmtree(path)
-        del lm
-    params = layout.read_meta(ours).params
+    params = lay.params
     meta = {"context_length": ctx, "batch_size": batch, "lut_embeddings": "none", "lut_ffn": "none",
             "lut_lmhead": "none", "num_chunks": n, "model_prefix": "gemma3",
             "embeddings": "gemma3_embeddings.mlmodelc", "lm_head": "gemma3_lm_head.mlmodelc",
-            "ffn": (f"gemma3_FFN_chunk_01of{n:02d}_combined.mlmodelc" if split_rotate
-                    else f"gemma3_FFN_PF_chunk_01of{n:02d}.mlmodelc"),
+            "ffn": f"gemma3_FFN_PF_chunk_01of{n:02d}.mlmodelc",
             "split_lm_head": params["split_lm_head"], "num_logits": params["split_lm_head"],
             "sliding_window": params["sliding_window"], "attention_size": ctx, "state_length": ctx,
             "update_mask_prefill": False, "prefill_dynamic_slice": True, "argmax_in_model": False,
             "vocab_size": params["vocab_size"], "lm_head_chunk_sizes": params["lm_head_chunk_sizes"]}
-    if split_rotate:
-        meta.update(split_rotate=True, pf=f"gemma3_PF_chunk_01of{n:02d}.mlmodelc")
-    layout.write_meta(dest, f"anemll-gemma3-ctx{ctx}", "0.3.5", "gemma3", meta)
-    (dest / layout.MANIFEST_FILE).unlink()
-    return dest
+    split = {"split_rotate": True, "ffn": f"gemma3_FFN_chunk_01of{n:02d}_combined.mlmodelc",
+             "pf": f"gemma3_PF_chunk_01of{n:02d}.mlmodelc"}
+    for kind, dest in folders.items():
+        layout.write_meta(dest, f"anemll-gemma3-ctx{ctx}", "0.3.5", "gemma3", {**meta, **(split if kind == "split" else {})})
+        (dest / layout.MANIFEST_FILE).unlink()
+    return folders["four"], folders["split"]

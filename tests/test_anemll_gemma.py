@@ -19,7 +19,7 @@ from anemlld.runtime.engine import Engine
 from anemlld.runtime.sampling import SamplingParams
 from shared.errors import BadInput
 from shared.options import ConvertOptions
-from tests.anemll_folders import agree_until_a_near_tie, anemll_gemma_chunks, anemll_gemma_folder, edit_meta, hf_greedy
+from tests.anemll_folders import agree_until_a_near_tie, anemll_gemma_chunks, anemll_gemma_folders, edit_meta, hf_greedy
 from tests.conftest import make_tiny_model
 
 WINDOW, CONTEXT, BATCH = 12, 48, 8
@@ -42,9 +42,21 @@ def gemma(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def anemll(gemma, tmp_path_factory):
+def folders(gemma, tmp_path_factory):
+    """ANEMLL's layout of it (tests/anemll_folders.py): four functions in one
+    file per chunk, and split-rotate (two files per chunk)."""
     src, ours = gemma
-    return anemll_gemma_folder(ours, src, tmp_path_factory.mktemp("anemll") / "gemma3-anemll")
+    return anemll_gemma_folders(ours, src, tmp_path_factory.mktemp("anemll"))
+
+
+@pytest.fixture(scope="module")
+def anemll(folders):
+    return folders[0]
+
+
+@pytest.fixture(scope="module")
+def split(folders):
+    return folders[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +123,127 @@ def test_the_synthetic_anemll_gemma_functions_match_transformers_in_fp32(gemma, 
     chunks, ends = anemll_gemma_chunks(src, ours)
     rotated = anemll_runner(chunks, ends, ids, prefill_rotate=True)
     assert max(float((rotated[p] - want[p]).abs().max()) for p in rotated) > 0.1
+
+
+def test_the_synthetic_folder_is_laid_out_as_anemll_writes_it(anemll, split):
+    import coremltools as ct
+
+    lay = layout.read_meta(anemll)
+    assert lay.rotation_window == WINDOW and not lay.split_rotate
+    spec = ct.utils.load_spec(str(lay.chunks(".mlpackage")[0]))
+    functions = {f.name: f for f in spec.description.functions}
+    assert sorted(functions) == sorted(["infer", "infer_rotate", "prefill", "prefill_rotate"])
+    assert [i.name for i in functions["infer_rotate"].input] == ["hidden_states", "position_ids", "causal_mask",
+                                                                  "current_pos"]
+    states = {s.name: tuple(s.type.stateType.arrayType.shape) for s in functions["prefill"].state}
+    # 2 local layers of window slots, 1 global layer of context slots; kv_heads 2, head_dim 32
+    # (coremltools writes ANEMLL's model.model.kv_cache_local as model_model_kv_cache_local, for both)
+    assert states == {"model_model_kv_cache_local": (4, 2, WINDOW, 32),
+                      "model_model_kv_cache_global": (2, 2, CONTEXT, 32)}
+    lay = layout.read_meta(split)
+    assert lay.split_rotate and [p.name for p in lay.prefill_chunks(".mlpackage")] == [
+        "gemma3_PF_chunk_01of02.mlpackage", "gemma3_PF_chunk_02of02.mlpackage"]
+    assert [p.name for p in lay.chunks(".mlpackage")][1] == "gemma3_FFN_chunk_02of02_combined.mlpackage"
+
+
+def test_the_served_folder_has_transformers_logits_across_the_window(gemma, anemll):
+    """Prompt of 20 (a prefill batch, 4 fill tokens, 8 past the window), then
+    16 single tokens: each step's logits within 0.05 of transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_architectures import assert_matches
+
+    ref = AutoModelForCausalLM.from_pretrained(gemma[0], dtype=torch.float32).eval()
+    engine = Engine(anemll, executor="portable")
+    assert engine.rotation is not None and engine.rotation.window == WINDOW
+    assert_matches(engine, ref, PROMPT, 16)
+
+
+def test_switching_to_infer_rotate_one_position_early_is_caught(gemma, anemll, monkeypatch):
+    """(One position late, infer writes past the local cache's last slot: the
+    portable executor refuses the slice.)"""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_architectures import assert_matches
+
+    ref = AutoModelForCausalLM.from_pretrained(gemma[0], dtype=torch.float32).eval()
+    monkeypatch.setattr(rotation.Rotation, "infer_function",
+                        lambda self, pos: rotation.INFER_ROTATE if pos >= self.window - 1 else rotation.INFER)
+    with pytest.raises(AssertionError):
+        assert_matches(Engine(anemll, executor="portable"), ref, PROMPT, 16)
+
+
+def greedy(folder, ids: list[int], steps: int = STEPS, session=None):
+    engine = Engine(folder, executor="portable")
+    return engine.complete(ids=ids, params=SamplingParams(max_tokens=steps, temperature=0.0), session=session)
+
+
+def until_eos(tokens: list[int]) -> list[int]:
+    """transformers' greedy tokens as far as the engine goes (it stops at EOS: 1, 4 in the tiny config)."""
+    ends = [i for i, t in enumerate(tokens) if t in (1, 4)]
+    return tokens[:ends[0]] if ends else tokens
+
+
+@pytest.mark.parametrize("variant", ["four functions", "split rotate"])
+def test_greedy_tokens_are_transformers_after_a_prompt_longer_than_the_window(anemll, split, reference, variant):
+    tokens, gaps = reference
+    done = greedy(anemll if variant == "four functions" else split, PROMPT)
+    want = until_eos(tokens)
+    assert len(want) >= 16
+    assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 16
+
+
+def test_a_follow_up_reuses_a_rotated_state_only_whole(anemll):
+    """Past the window the local cache cannot be moved back: a follow-up that
+    extends the state's tokens reuses all of them (and answers as a fresh
+    state does); one that parts from them earlier reuses none."""
+    engine = Engine(anemll, executor="portable")
+    session = engine.new_session()
+    first = engine.complete(ids=PROMPT, params=SamplingParams(max_tokens=4, temperature=0.0), session=session)
+    held = list(session.tokens)
+    assert len(held) == len(PROMPT) + len(first.token_ids) - 1 > WINDOW
+    follow = held + [first.token_ids[-1], 40, 41]
+    again = engine.complete(ids=follow, params=SamplingParams(max_tokens=6, temperature=0.0), session=session)
+    assert again.stats.cached_tokens == len(held)
+    fresh = engine.complete(ids=follow, params=SamplingParams(max_tokens=6, temperature=0.0))
+    assert again.token_ids == fresh.token_ids
+    assert session.ring.reach(len(PROMPT)) == 0 and session.ring.reach(len(session.tokens)) == len(session.tokens)
+    short = engine.new_session()
+    engine.feed(short, PROMPT[:10])
+    assert short.ring.reach(6) == 6  # below the window any prefix still holds
+
+
+def test_a_context_shift_past_the_window_answers_as_our_own_conversion(gemma, anemll):
+    """Decoding past the context (48) keeps the recent half and prefills it
+    again from position 0 (fill functions, then infer_rotate): the answer is
+    the one our own conversion (ring caches) gives with the same rule."""
+    _, ours = gemma
+    theirs = greedy(anemll, PROMPT, steps=40)
+    assert theirs.stats.context_shifts >= 1 or len(theirs.token_ids) < 29
+    assert theirs.token_ids == greedy(ours, PROMPT, steps=40).token_ids
+
+
+@pytest.mark.parametrize("changes, refused", [
+    ({"single_cache": True}, "single_cache"),
+    ({"model_type": "monolithic", "monolithic_model": "gemma3_monolithic_full.mlmodelc"}, "monolithic Gemma 3"),
+    ({"attention_size": 24}, "attention_size 24"),
+    ({"split_rotate": True}, "names no pf"),
+])
+def test_anemll_gemma_variants_we_do_not_serve_are_refused_by_name(anemll, tmp_path, changes, refused):
+    import shutil
+
+    folder = tmp_path / "variant"
+    shutil.copytree(anemll, folder)
+    edit_meta(folder, **changes)
+    with pytest.raises(BadInput, match=refused) as info:
+        layout.read_meta(folder)
+    assert info.value.hint
+
+
+def test_a_window_as_long_as_the_context_needs_no_rotation(anemll, tmp_path):
+    import shutil
+
+    folder = tmp_path / "long-window"
+    shutil.copytree(anemll, folder)
+    edit_meta(folder, sliding_window=CONTEXT)
+    assert layout.read_meta(folder).rotation_window is None
