@@ -105,6 +105,11 @@ class Layout:
         return _true(self.params.get("update_mask_prefill"))
 
     @property
+    def prefill_dynamic_slice(self) -> bool:
+        """Prefill functions write the cache at ``current_pos`` (ours, ANEMLL 0.3.5's)."""
+        return _true(self.params.get("prefill_dynamic_slice"))
+
+    @property
     def head_argmax_function(self) -> bool:
         """The LM head has an ``argmax`` function beside its default ``logits``
         (ours, with ``--argmax-in-model``)."""

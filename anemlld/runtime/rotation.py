@@ -10,7 +10,8 @@ mask's rows, ``current_pos``); the local layers read the mask's first
 ``window`` columns. The contract, with its sources, is in docs/anemll.md.
 
 What the engine does with it: full prefill batches while they end at or
-before the window, every other token one at a time through ``infer`` or,
+before the window (if the folder's prefill writes at ``current_pos``:
+``prefill_dynamic_slice`` or ``update_mask_prefill``), every other token one at a time through ``infer`` or,
 from the window on, ``infer_rotate``. ``prefill_rotate`` is never called:
 it shifts by a whole batch and lets every row of it see every slot, its own
 batch's later rows included, which is not the model's attention (measured
@@ -48,12 +49,17 @@ class Shifted:
 class Rotation:
     """Which function runs the tokens at a position, for one model."""
 
-    def __init__(self, window: int):
-        self.window = window
+    def __init__(self, window: int, prefill: bool = True):
+        """``prefill``: whether its prefill writes where ``current_pos`` says
+        (a dynamic slice, or ``update_mask``); ANEMLL's without either writes
+        every batch at slot 0, and its runner then feeds every token alone."""
+        self.window, self.prefill = window, prefill
 
     @classmethod
     def of(cls, layout: Layout) -> "Rotation | None":
-        return None if layout.rotation_window is None else cls(layout.rotation_window)
+        if layout.rotation_window is None:
+            return None
+        return cls(layout.rotation_window, layout.prefill_dynamic_slice or layout.update_mask_prefill)
 
     def new_cache(self) -> Shifted:
         return Shifted(self.window)
@@ -64,4 +70,4 @@ class Rotation:
     def prefills(self, pos: int, count: int) -> bool:
         """Whether ``prefill`` may take ``count`` tokens at ``pos``: only fill
         batches, which end at or before the window."""
-        return pos + count <= self.window
+        return self.prefill and pos + count <= self.window
