@@ -304,3 +304,11 @@ def test_the_daemon_serves_the_anemll_gemma_folder_with_transformers_tokens(gemm
         assert daemon.stop() == 0, daemon.stderr()[-3000:]
     want = until_eos(tokens)
     assert len(got) == len(want) and agree_until_a_near_tie(got, want, gaps) >= min(len(want), 12)
+
+
+def test_the_state_size_counts_window_slots_for_the_local_layers(anemll):
+    from anemlld.runtime.engine import kv_state_bytes
+
+    engine = Engine(anemll, executor="portable")
+    measured = sum(t.numel() * t.element_size() for t in engine.new_session().state.values())
+    assert kv_state_bytes(anemll, engine.layout) == measured == 2 * 2 * (2 * WINDOW + CONTEXT) * 32 * 2

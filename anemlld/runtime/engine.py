@@ -5,7 +5,8 @@ It owns the tokenizer and chat template, prefill (full batches through
 is ever padded into the cache; in models with sliding-window layers, whose
 K/V live in ring caches, batches start at multiples of the batch size and the
 tokens before go through ``infer``: runtime/attention.py has the inputs each
-step takes), decoding, sampling, stopping, incremental
+step takes; in ANEMLL's Gemma 3, whose local caches shift, the function for
+each position is runtime/rotation.py's choice), decoding, sampling, stopping, incremental
 detokenization, reuse of a session's cached prefix (a KV state plus the
 tokens it holds, so a follow-up turn prefills only what is new; which state a
 request gets is the prefix cache's choice), the context window, cancellation,
@@ -222,7 +223,8 @@ def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
     """Bytes of one KV state, from the shape every converted model shares,
     ``(2 * layers, kv_heads, state_length, head_dim)`` in fp16, where the
     layers meta.yaml lists as ``local_layers`` keep ``ring_size`` slots
-    instead; None if the folder's config.json does not say."""
+    instead (in ANEMLL's Gemma 3, config.json's ``sliding_attention`` layers
+    keep ``sliding_window``); None if the folder's config.json does not say."""
     try:
         config = json.loads((folder / "config.json").read_text())
         config = config.get("text_config", config)
@@ -232,9 +234,13 @@ def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         length = int(layout.params.get("state_length", layout.context_length))
         local = len(layout.params.get("local_layers") or []) if layout.ring_size else 0
+        local_slots = layout.ring_size or 0
+        if layout.rotation_window:
+            local = list(config.get("layer_types") or []).count("sliding_attention")
+            local_slots = layout.rotation_window
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
-    slots = (layers - local) * length + local * (layout.ring_size or 0)
+    slots = (layers - local) * length + local * local_slots
     return 2 * kv_heads * slots * head_dim * 2
 
 
