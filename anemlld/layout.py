@@ -147,10 +147,8 @@ class Layout:
         ``infer_rotate`` / ``prefill_rotate`` functions shift once the
         position reaches it (runtime/rotation.py); None for every other folder
         (ours keep rings; a window as long as the context never binds)."""
-        window = self.sliding_window
-        if window and not self.ring_size and window < self.context_length and not (self.root / MANIFEST_FILE).is_file():
-            return window
-        return None
+        window, ours = self.sliding_window, (self.root / MANIFEST_FILE).is_file()
+        return window if window and not self.ring_size and window < self.context_length and not ours else None
 
     @property
     def split_rotate(self) -> bool:
@@ -189,6 +187,8 @@ class Layout:
         """Every part file, in the order a token runs through them."""
         if self.monolithic:
             return [self.part("monolithic_model", prefer)]
+        if self.split_rotate:
+            self.prefill_chunks(prefer)  # not on a token's way, but they must be there too
         return [self.part("embeddings", prefer), *self.chunks(prefer), self.part("lm_head", prefer)]
 
     def chunks(self, prefer: str = ".mlmodelc", key: str = "ffn") -> list[Path]:

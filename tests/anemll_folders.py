@@ -183,8 +183,8 @@ def with_update_mask_prefill(folder: Path, src: Path) -> Path:
 
 # --- Gemma 3 as ANEMLL 0.3.5 builds it (docs/anemll.md has the contract) -----
 
-GEMMA_FUNCTIONS = ("infer", "infer_rotate", "prefill", "prefill_rotate")  # (prefill?, rotate?) below
-GEMMA_MODES = {"infer": (False, False), "infer_rotate": (False, True), "prefill": (True, False),
+GEMMA_FUNCTIONS = ("infer", "infer_rotate", "prefill", "prefill_rotate")
+GEMMA_MODES = {"infer": (False, False), "infer_rotate": (False, True), "prefill": (True, False),  # (prefill, rotate)
                "prefill_rotate": (True, True)}
 
 
@@ -228,8 +228,8 @@ def anemll_gemma_chunks(src: Path, ours: Path):
     ``src``, over the chunks, context and residual scale of ``ours`` (our
     conversion of it), fp32, the functions of a chunk sharing its caches;
     and the embeddings and LM head they go with, as one model."""
-    import json
     import dataclasses
+    import json
 
     from anemlld.convert.models import ARCHITECTURES
     from anemlld.convert.pipeline import split_layers
@@ -301,18 +301,19 @@ def anemll_gemma_folders(ours: Path, src: Path, root: Path) -> tuple[Path, Path]
                 export.combine({k: paths[k] for k in names}, dest / f"{stem}.mlpackage", {}, "ANEMLL-shaped Gemma 3")
         for path in paths.values():
             shutil.rmtree(path)
-    params = lay.params
+    ours_params = lay.params
     meta = {"context_length": ctx, "batch_size": batch, "lut_embeddings": "none", "lut_ffn": "none",
             "lut_lmhead": "none", "num_chunks": n, "model_prefix": "gemma3",
             "embeddings": "gemma3_embeddings.mlmodelc", "lm_head": "gemma3_lm_head.mlmodelc",
             "ffn": f"gemma3_FFN_PF_chunk_01of{n:02d}.mlmodelc",
-            "split_lm_head": params["split_lm_head"], "num_logits": params["split_lm_head"],
-            "sliding_window": params["sliding_window"], "attention_size": ctx, "state_length": ctx,
+            "split_lm_head": ours_params["split_lm_head"], "num_logits": ours_params["split_lm_head"],
+            "sliding_window": ours_params["sliding_window"], "attention_size": ctx, "state_length": ctx,
             "update_mask_prefill": False, "prefill_dynamic_slice": True, "argmax_in_model": False,
-            "vocab_size": params["vocab_size"], "lm_head_chunk_sizes": params["lm_head_chunk_sizes"]}
+            "vocab_size": ours_params["vocab_size"], "lm_head_chunk_sizes": ours_params["lm_head_chunk_sizes"]}
     split = {"split_rotate": True, "ffn": f"gemma3_FFN_chunk_01of{n:02d}_combined.mlmodelc",
              "pf": f"gemma3_PF_chunk_01of{n:02d}.mlmodelc"}
     for kind, dest in folders.items():
-        layout.write_meta(dest, f"anemll-gemma3-ctx{ctx}", "0.3.5", "gemma3", {**meta, **(split if kind == "split" else {})})
+        params = {**meta, **(split if kind == "split" else {})}
+        layout.write_meta(dest, f"anemll-gemma3-ctx{ctx}", "0.3.5", "gemma3", params)
         (dest / layout.MANIFEST_FILE).unlink()
     return folders["four"], folders["split"]

@@ -270,6 +270,16 @@ def test_anemll_gemma_variants_we_do_not_serve_are_refused_by_name(anemll, tmp_p
     assert info.value.hint
 
 
+def test_a_split_rotate_folder_missing_a_prefill_file_is_incomplete(split, tmp_path):
+    import shutil
+
+    folder = tmp_path / "split"
+    shutil.copytree(split, folder)
+    shutil.rmtree(folder / "gemma3_PF_chunk_02of02.mlpackage")
+    with pytest.raises(BadInput, match="names gemma3_PF_chunk_02of02, which is not in the folder"):
+        layout.read_meta(folder).parts()
+
+
 def test_a_window_as_long_as_the_context_needs_no_rotation(anemll, tmp_path):
     import shutil
 
