@@ -44,7 +44,8 @@ def gemma(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folders(gemma, tmp_path_factory):
     """ANEMLL's layout of it (tests/anemll_folders.py): four functions in one
-    file per chunk, and split-rotate (two files per chunk)."""
+    file per chunk, split-rotate (two files per chunk), and prefill taking
+    update_mask."""
     src, ours = gemma
     return anemll_gemma_folders(ours, src, tmp_path_factory.mktemp("anemll"))
 
@@ -57,6 +58,11 @@ def anemll(folders):
 @pytest.fixture(scope="module")
 def split(folders):
     return folders[1]
+
+
+@pytest.fixture(scope="module")
+def masked(folders):
+    return folders[2]
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +220,18 @@ def until_eos(tokens: list[int]) -> list[int]:
     return tokens[:ends[0]] if ends else tokens
 
 
-@pytest.mark.parametrize("variant", ["four functions", "split rotate"])
-def test_greedy_tokens_are_transformers_after_a_prompt_longer_than_the_window(anemll, split, reference, variant):
+@pytest.mark.parametrize("variant", ["four functions", "split rotate", "update_mask prefill"])
+def test_greedy_tokens_are_transformers_after_a_prompt_longer_than_the_window(folders, reference, variant):
+    """(The update_mask prefill adds any wrong entry of its mask to the hidden
+    states whose K/V it writes.)"""
     tokens, gaps = reference
-    done = greedy(anemll if variant == "four functions" else split, PROMPT)
+    folder = folders[["four functions", "split rotate", "update_mask prefill"].index(variant)]
+    if variant == "update_mask prefill":
+        engine = Engine(folder, executor="portable")
+        seen = calls(engine)
+        engine.feed(engine.new_session(), PROMPT)
+        assert seen[0] == ("prefill", 0, BATCH)
+    done = greedy(folder, PROMPT)
     want = until_eos(tokens)
     assert len(want) >= 16
     assert agree_until_a_near_tie(done.token_ids, want, gaps) >= 16
