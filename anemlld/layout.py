@@ -15,6 +15,8 @@ from shared.errors import BadInput
 
 META_FILE = "meta.yaml"
 MANIFEST_FILE = "anemlld.json"  # marks a folder as ours; holds fingerprint and options
+# ANEMLL's runner takes this window for a gemma3-prefixed folder whose meta.yaml names none
+ANEMLL_GEMMA3_WINDOW = 512
 
 
 def folder_size(path: str | Path | None) -> int:
@@ -271,6 +273,9 @@ def read_meta(root: str | Path) -> Layout:
         raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")
     params["model_type"] = kind
+    if ("sliding_window" not in params and str(params.get("model_prefix", "")).lower().startswith("gemma3")
+            and not (root / MANIFEST_FILE).is_file()):
+        params["sliding_window"] = ANEMLL_GEMMA3_WINDOW
     needed = ("context_length", "monolithic_model") if kind == "monolithic" else (
         "context_length", "num_chunks", "embeddings", "lm_head", "ffn")
     missing = [k for k in needed if k not in params]

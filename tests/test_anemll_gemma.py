@@ -336,3 +336,14 @@ def test_the_state_size_counts_window_slots_for_the_local_layers(anemll):
     engine = Engine(anemll, executor="portable")
     measured = sum(t.numel() * t.element_size() for t in engine.new_session().state.values())
     assert kv_state_bytes(anemll, engine.layout) == measured == 2 * 2 * (2 * WINDOW + CONTEXT) * 32 * 2
+
+
+def test_a_gemma3_folder_naming_no_window_gets_anemlls_default_of_512(anemll, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-window"
+    shutil.copytree(anemll, folder)
+    edit_meta(folder, sliding_window=None)
+    assert layout.read_meta(folder).sliding_window == 512 and layout.read_meta(folder).rotation_window is None
+    edit_meta(folder, context_length=1024, attention_size=1024)
+    assert layout.read_meta(folder).rotation_window == 512
