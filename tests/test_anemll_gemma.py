@@ -252,6 +252,10 @@ def test_a_follow_up_reuses_a_rotated_state_only_whole(anemll):
     fresh = engine.complete(ids=follow, params=SamplingParams(max_tokens=6, temperature=0.0))
     assert again.token_ids == fresh.token_ids
     assert session.ring.reach(len(PROMPT)) == 0 and session.ring.reach(len(session.tokens)) == len(session.tokens)
+    other = PROMPT + [50, 51, 52]  # shares the 20 prompt tokens with the state, then parts
+    parted = engine.complete(ids=other, params=SamplingParams(max_tokens=6, temperature=0.0), session=session)
+    assert parted.stats.cached_tokens == 0
+    assert parted.token_ids == engine.complete(ids=other, params=SamplingParams(max_tokens=6, temperature=0.0)).token_ids
     short = engine.new_session()
     engine.feed(short, PROMPT[:10])
     assert short.ring.reach(6) == 6  # below the window any prefix still holds
