@@ -108,8 +108,10 @@ def check_part_sizes(plan: "Plan") -> None:
 def disk_bytes(plan: "Plan") -> int:
     """The output, and two copies of its largest part while that is saved
     (coremltools' temporary package, and ours written beside its final name,
-    then renamed)."""
-    return plan.estimated_bytes + 2 * max(part.bytes for part in parts(plan))
+    then renamed), and that part's weights spilled until then
+    (convert/spill.py: a byte per LUT index, two per fp16 weight)."""
+    spilled = max(part.weights * (1 if part.bits else 2) for part in parts(plan))
+    return plan.estimated_bytes + 2 * max(part.bytes for part in parts(plan)) + spilled
 
 
 def speed() -> float:
@@ -151,7 +153,8 @@ def describe(plan: "Plan", est: Estimate) -> list[str]:
         lut = f"LUT {part.bits}" if part.bits else "fp16"
         lines.append(f"{part.name:<44} {part.bytes / MB:7.0f} MB  {lut}{what}")
     lines += ["", f"output       {est.output_bytes / MB:8.0f} MB",
-              f"disk needed  {est.disk_bytes / MB:8.0f} MB (the output and two copies of its largest part while it is saved)",
+              f"disk needed  {est.disk_bytes / MB:8.0f} MB (the output, and two copies of its largest part and its spilled "
+              "weights while it is saved)",
               f"peak memory  {memory.gb(est.peak_bytes)}",
               f"time         {format_seconds(est.seconds)} on the reference machine"
               + (f" / {speed():g}" if speed() != 1 else "") + ": "

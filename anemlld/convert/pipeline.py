@@ -367,7 +367,7 @@ def _build_direct(p: Plan, st: _Stages, work: Path, name: str, part: dict, luts:
     read, and quantized with ``luts``, once, one at a time, for every
     function of ``variants``, which are built and saved as one package."""
     direct = st.run("load", name, 0.0, lambda: program.DirectPart(
-        p.architecture, p.args, p.options.context_length, p.source.get, p.source.close, p.ring, **part))
+        p.architecture, p.args, p.options.context_length, p.source.get, p.source.close, p.ring, str(work), **part))
     st.run("quantize" if luts else "load", name, quantize_w, direct.read, luts)
     model = st.run("export", name, export_w, direct.export, function, shapes, variants)
     del direct

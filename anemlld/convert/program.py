@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anemlld.convert import export, lut
+from anemlld.convert import export, lifted_conv, lut
+from anemlld.convert.spill import Spill
 from anemlld.convert.models import build
 from anemlld.convert.models.base import ModelArgs, expected_shape, last_read, weights_loaded_later
 from shared.errors import AnemllError
@@ -45,9 +46,9 @@ class Weight:
     """One lifted weight as it goes into the program."""
 
     shape: tuple[int, ...]
-    dense: np.ndarray | None = None    # fp16, without a LUT
+    dense: np.ndarray | None = None    # fp16, without a LUT (a placeholder: its values are spilled)
     table: np.ndarray | None = None    # the LUT, in constexpr_lut_to_dense's layout
-    indices: np.ndarray | None = None  # weight-shaped, uint8 holding ``bits``-bit values
+    indices: np.ndarray | None = None  # weight-shaped ``bits``-bit values (a placeholder: spilled)
 
 
 class Lifted(nn.Module):
@@ -72,13 +73,19 @@ def _lifted(modules: list[nn.Module], weights):
     for m, w in zip(modules, weights):
         if isinstance(m, nn.Embedding):
             m.forward = lambda ids, m=m, w=w: F.embedding(ids, w, m.padding_idx)
-        else:
-            m.forward = lambda x, m=m, w=w: m._conv_forward(x, w, m.bias)
+        else:  # recorded as a convolution, not computed (convert/lifted_conv.py)
+            m.forward = lambda x, m=m, w=w: lifted_conv.of(m, x, w)
     try:
         yield
     finally:
         for m in modules:
             del m.forward
+
+
+def const_name(param: str) -> str:
+    """The const a lifted weight becomes, and its blob's ``weight_id``
+    (suffixed ``_indices`` and ``_lut`` with a LUT)."""
+    return param.replace(".", "_")
 
 
 def input_name(param: str) -> str:
@@ -126,10 +133,13 @@ class DirectPart:
 
     def __init__(self, architecture: str, args: ModelArgs, context_length: int,
                  get: Callable[[str], torch.Tensor], release: Callable[[], None] | None = None,
-                 ring: int | None = None, **part):
+                 ring: int | None = None, spill_dir: str | None = None, **part):
         """``release`` (optional) unmaps the checkpoint: called after each
         weight is read, so that its pages do not stay resident with the
-        quantized part. ``ring``: as ``AneLM``'s."""
+        quantized part. ``ring``: as ``AneLM``'s. Each weight, once read,
+        waits in a scratch file in ``spill_dir`` (the system's temporary
+        folder by default) until the package is written
+        (convert/spill.py), so only one weight at a time is in memory."""
         with weights_loaded_later():
             lm = build(architecture, args, context_length=context_length, ring=ring, **part)
         # names as the export parts see them: their ``model.`` before the model's own
@@ -140,8 +150,9 @@ class DirectPart:
             m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
         lm.load_weights(get, skip=lambda name: f"model.{name}" in self.lifted)
         self.lm, self.dtype = export._trace_dtype(lm)
-        self.get, self.release = get, release
+        self.get, self.release, self.spill_dir = get, release, spill_dir
         self.weights: dict[str, Weight] = {}
+        self.spill: Spill | None = None
 
     def read(self, luts: dict[str, tuple[int, int]]) -> int:
         """Read every lifted weight, one at a time: a weight named with a
@@ -149,6 +160,7 @@ class DirectPart:
         quantized with k-means per group of rows, the others as fp16.
         Returns the count."""
         get = last_read(self.get)
+        self.spill = self.spill or Spill(self.spill_dir)
         for name, shape in self.shapes.items():
             ours = name.removeprefix("model.")
             tensor = self.lm.checkpoint_tensor(get, ours)
@@ -159,8 +171,9 @@ class DirectPart:
             weight = self._folded(ours, tensor).reshape(shape)
             del tensor
             lut_of = next((v for scope, v in luts.items() if name.startswith(scope)), None)
+            key = const_name(name)  # the weight_id its consts get in _put_weights
             if lut_of is None:
-                self.weights[name] = Weight(shape, dense=weight.numpy())
+                self.weights[name] = Weight(shape, dense=self.spill.put(key, weight.numpy()))
             else:
                 bits, group_size = lut_of
                 # fp16 in: the quantizer clusters the values Core ML stores
@@ -168,7 +181,8 @@ class DirectPart:
                 g = lut.group_size_for(shape[0], group_size)
                 table = q.lut.numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
                 # in the dtype the program stores, once for every function
-                self.weights[name] = Weight(shape, table=table, indices=q.indices.numpy().astype(lut.index_dtype(bits)))
+                indices = q.indices.numpy().astype(lut.index_dtype(bits))
+                self.weights[name] = Weight(shape, table=table, indices=self.spill.put(f"{key}_indices", indices))
                 del q
             del weight
             if self.release is not None:
@@ -213,17 +227,20 @@ class DirectPart:
             prog.export_as_multifunction = True
         prog.skip_all_passes = True
         prog.validate()
-        with warnings.catch_warnings(), validated_once():
+        with warnings.catch_warnings(), validated_once(), self.spill.serialized():
             warnings.simplefilter("ignore")
-            return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal",
-                               specification_version=_SPECIFICATION_VERSION_IOS_18,
-                               compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
+            model = mil_convert(prog, convert_to="mlprogram", convert_from="milinternal",
+                                specification_version=_SPECIFICATION_VERSION_IOS_18,
+                                compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
+        self.spill.close()  # every blob is in the package now
+        return model
 
     def _program(self, ct, f: export.Function):
         """``f`` converted by the torch frontend with every lifted weight a
         placeholder input, then those inputs replaced by the weights."""
         names = list(self.lifted)
         placeholders = tuple(torch.zeros((), dtype=self.dtype).expand(self.shapes[n]) for n in names)
+        lifted_conv.register()
         traced = export._trace(Lifted(f, [self.lifted[n] for n in names]), tuple(f.example) + placeholders)
         self.lm.reset_cache()
         inputs = f.inputs + [ct.TensorType(name=input_name(n), shape=self.shapes[n], dtype=np.float16) for n in names]
@@ -251,17 +268,17 @@ class DirectPart:
                 def put(fn):
                     first = fn.operations[0]
                     for inp, n in lifted.items():
-                        w, const_name = weights[n], n.replace(".", "_")
+                        w, name = weights[n], const_name(n)
                         if w.dense is not None:
-                            new = mb.const(val=w.dense, name=const_name, before_op=first)
+                            new = mb.const(val=w.dense, name=name, before_op=first)
                             stored = {"": new.op}
                         else:
                             new = mb.constexpr_lut_to_dense(indices=w.indices, lut=w.table,
-                                                            name=const_name + "_lut", before_op=first)
+                                                            name=name + "_lut", before_op=first)
                             stored = {f"_{k}": new.op.inputs[k].op for k in ("indices", "lut")}
                         # one blob for this weight in every function of a package
                         for suffix, const in stored.items():
-                            const.weight_id = const_name + suffix
+                            const.weight_id = name + suffix
                         fn.replace_uses_of_var_after_op(anchor_op=None, old_var=fn.inputs[inp], new_var=new,
                                                         no_check_var_types=True)
                 put(program.functions["main"])
