@@ -12,28 +12,34 @@ if TYPE_CHECKING:
 
 MB = 1024 * 1024
 
-# Every part is exported directly (convert/program.py): what a part holds at
-# its peak is its quantized weights (the output being written), the weight
-# being read (the checkpoint's tensor and its fp16 copy) and the quantizer's
-# temporaries. bench/export_paths.py measured a 4-layer 1B-shaped chunk (243 M
-# weights) at 1,323 MB, 3.3 bytes per weight over the base. END_NOTE
+# Every part is exported directly (convert/program.py) and each weight, once
+# quantized, waits on disk until its package is written (convert/spill.py):
+# what a part holds at its peak is the process's base, the quantizer's
+# working memory (two slabs of groups in flight) and the weight being read
+# (the checkpoint's tensor, its fp16 copy, its indices), whatever the part's
+# size. The embeddings and the LM head read their whole checkpoint tensor
+# once (the head's splits are its rows). Measured with bench/convert_1b.py
+# on the Llama-3.2-1B shape (README, load average 3.6): a chunk of 8 layers
+# (486 M weights) peaked at 1.36 GiB, the LM head (263 M weights, LUT 6) at
+# 1.80 GiB sampled, 1.87 GiB high-water mark; the embeddings (fp16) at 1.38 GiB.
 BASE_BYTES = 512 * MB
-BYTES_PER_CHUNK_WEIGHT = 4
-BYTES_PER_END_WEIGHT = 13  # embeddings or LM head
+QUANTIZER_BYTES = 900 * MB
+BYTES_PER_WEIGHT_READ = 6   # the largest single weight of a chunk
+BYTES_PER_END_WEIGHT = 6    # embeddings or LM head: (1.87 GiB - base) / 263 M = 5.6
 
 
 def peak_estimate(plan: "Plan") -> int:
     """Bytes of resident memory the conversion of ``plan`` is expected to
-    peak at: the process's base plus the export of its largest part."""
+    peak at: the process's base plus its costliest part (a monolithic
+    model's too: its parts' weights are read one at a time all the same)."""
     args = plan.args
-    largest_chunk = max(len(r) for r in plan.chunk_ranges) * args.layer_params
+    largest_weight = args.hidden_size * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
     end = args.vocab_size * args.hidden_size
     # every chunk holds the whole model's KV state (fp16), traced in fp32
     state = 2 * args.num_hidden_layers * args.num_key_value_heads * plan.options.context_length \
         * args.head_dim * 4
-    if plan.options.monolithic:  # every part in the one export: both ends' weights beside the layers'
-        return BASE_BYTES + BYTES_PER_CHUNK_WEIGHT * largest_chunk + state + 2 * BYTES_PER_END_WEIGHT * end
-    return BASE_BYTES + max(BYTES_PER_CHUNK_WEIGHT * largest_chunk + state, BYTES_PER_END_WEIGHT * end)
+    return BASE_BYTES + max(QUANTIZER_BYTES + BYTES_PER_WEIGHT_READ * largest_weight + state,
+                            BYTES_PER_END_WEIGHT * end)
 
 
 def available() -> int:
