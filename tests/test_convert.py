@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from anemlld import layout
-from anemlld.convert import export, pipeline, program
+from anemlld.convert import export, pipeline, program, spill
 from anemlld.convert.models import ARCHITECTURES
 from shared.options import ConvertOptions
 from tests.conftest import ARCHS, TINY
@@ -203,6 +203,8 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     assert not dest.exists()  # nothing that looks finished
     work = tmp_path / ".out.partial"
     assert (work / "qwen_FFN_PF_chunk_02of02.mlpackage").exists()
+    assert not list(work.glob(f"{spill.PREFIX}*"))  # the head's spilled weights went with it
+    (work / f"{spill.PREFIX}killed.spill").write_bytes(b"as a kill -9 leaves it")
     monkeypatch.undo()
 
     exported = []
@@ -211,7 +213,7 @@ def test_interrupted_conversion_resumes_without_redoing_finished_parts(tiny_mode
     result = pipeline.convert(tiny_models["qwen2"], dest, opts)
     assert exported == [export.head_function]  # the embeddings and both chunks came from the first run
     assert not result.reused and (dest / "qwen_lm_head.mlpackage").exists()
-    assert not work.exists()
+    assert not work.exists() and not list(dest.glob(f"{spill.PREFIX}*"))
 
     again = pipeline.convert(tiny_models["qwen2"], dest, opts)
     assert again.reused  # same inputs and options: nothing to do

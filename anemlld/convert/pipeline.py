@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from anemlld import __version__, layout
-from anemlld.convert import calibrate, estimate, export, program
+from anemlld.convert import calibrate, estimate, export, program, spill
 from anemlld.convert.models import ARCHITECTURES, DEFAULT_LM_HEAD_SPLIT, build
 from anemlld.convert.models.base import (AneLM, ModelArgs, refuse_unimplemented, ring_size, split_sizes,
                                          weights_loaded_later)
@@ -298,6 +298,8 @@ def _prepare_work(work: Path, p: Plan) -> None:
     if work.exists() and (state is None or state.get("fingerprint") != p.fingerprint):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob(f"{spill.PREFIX}*"):  # weights of a part an interrupted run did not finish
+        stale.unlink()
     (work / layout.MANIFEST_FILE).write_text(json.dumps({"fingerprint": p.fingerprint, "complete": False}))
 
 
@@ -368,8 +370,11 @@ def _build_direct(p: Plan, st: _Stages, work: Path, name: str, part: dict, luts:
     function of ``variants``, which are built and saved as one package."""
     direct = st.run("load", name, 0.0, lambda: program.DirectPart(
         p.architecture, p.args, p.options.context_length, p.source.get, p.source.close, p.ring, str(work), **part))
-    st.run("quantize" if luts else "load", name, quantize_w, direct.read, luts)
-    model = st.run("export", name, export_w, direct.export, function, shapes, variants)
+    try:
+        st.run("quantize" if luts else "load", name, quantize_w, direct.read, luts)
+        model = st.run("export", name, export_w, direct.export, function, shapes, variants)
+    finally:
+        direct.close()  # its spilled weights, written into the package or not
     del direct
     export.set_metadata(model, meta, description)
     _save(model, work / f"{name}.mlpackage")

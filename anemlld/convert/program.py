@@ -191,6 +191,11 @@ class DirectPart:
                   or "fp16")
         return len(self.weights)
 
+    def close(self) -> None:
+        """Remove the spilled weights (export has written them into its package)."""
+        if self.spill is not None:
+            self.spill.close()
+
     def _folded(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` folded in fp32 as ``load_weights`` folds it, rounded to
         fp16; a block of rows at a time, so that no fp32 copy of an

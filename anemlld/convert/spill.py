@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 
 
+PREFIX = "anemlld-weights-"  # how a scratch file's name starts
+
+
 class Spill:
     """A scratch file of arrays, each known by a key."""
 
     def __init__(self, directory: str | Path | None = None):
-        fd, name = tempfile.mkstemp(prefix="anemlld-weights-", suffix=".spill", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=PREFIX, suffix=".spill", dir=directory)
         self.path = Path(name)
         self._file = os.fdopen(fd, "w+b")
         self._where: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
