@@ -183,9 +183,9 @@ def calls(engine: Engine) -> list[tuple[str, int, int]]:
     """Record each FFN call of ``engine``: (function, first position, tokens)."""
     seen, ffn = [], engine.executor.ffn
 
-    def record(hidden, step, state, function):
+    def record(hidden, step, state, function, greedy=False):
         seen.append((function, int(step["position_ids"][0]), len(step["position_ids"])))
-        return ffn(hidden, step, state, function)
+        return ffn(hidden, step, state, function, greedy)
 
     engine.executor.ffn = record
     return seen

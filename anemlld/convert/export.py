@@ -266,7 +266,11 @@ def chunk_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype, prefill: bool)
     example, inputs, names = _step(lm, seq, dtype)
     return Function(ChunkPart(lm, prefill, names), (torch.zeros(1, seq, shapes.hidden, dtype=dtype), *example),
                     [ct.TensorType(name="hidden_states", shape=(1, seq, shapes.hidden), dtype=np.float16), *inputs],
-                    [ct.TensorType(name="output_hidden_states", dtype=np.float16)], _states(lm))
+                    chunk_outputs(ct), _states(lm))
+
+
+def chunk_outputs(ct) -> list:
+    return [ct.TensorType(name="output_hidden_states", dtype=np.float16)]
 
 
 def head_function(lm: AneLM, shapes: Shapes, dtype: torch.dtype, argmax: bool = False) -> Function:
