@@ -88,7 +88,7 @@ def test_sort_rows_orders_fp16_bit_patterns_like_the_values():
 
 def test_runs_count_distinct_values_with_their_multiplicity():
     xs = torch.tensor([[1.0, 1.0, 1.0, 2.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
-    runs = lut.Runs(xs)
+    runs = lut.Runs.of_sorted(xs)
     assert runs.n == 6 and torch.equal(runs.xs[0, :3], torch.tensor([1.0, 2.0, 5.0]))
     a, b = torch.tensor([[0], [0]]), torch.tensor([[2], [2]])
     assert runs.count(a, b).tolist() == [[4.0], [2.0]]
