@@ -456,7 +456,8 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         both_zeros = np.nonzero((counts[:, minus] > 0) & (counts[:, plus] > 0))[0]
         counts[both_zeros, plus] += counts[both_zeros, minus]
         counts[both_zeros, minus] = 0
-    rows, bins = np.nonzero(counts)
+    flat = np.flatnonzero(counts)  # 2x np.nonzero's speed here
+    rows, bins = np.divmod(flat, span)
     per_row = np.bincount(rows, minlength=g)
     start = np.cumsum(per_row) - per_row
     rank = np.arange(len(rows)) - start[rows]
@@ -465,11 +466,11 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     xs = np.repeat(values[start + per_row - 1][:, None], distinct, axis=1)
     xs[rows, rank] = values
     count = np.zeros((g, distinct + 1))
-    count[rows, rank + 1] = counts[rows, bins]
+    count[rows, rank + 1] = counts.ravel()[flat]
     runs = Runs(torch.from_numpy(xs), torch.from_numpy(count))
     lut = kmeans_sorted(runs, k).half().sort(dim=1).values  # as quantize_slab
     entry = np.zeros((g, span), dtype=np.uint8)
-    entry[rows, bins] = run_ids(runs.cuts(lut), distinct).numpy()[rows, rank]
+    entry.ravel()[flat] = run_ids(runs.cuts(lut), distinct).numpy()[rows, rank]
     if both_zeros is not None:
         entry[both_zeros, minus] = entry[both_zeros, plus]
     indices = np.empty((g, n), dtype=np.uint8)
