@@ -388,6 +388,11 @@ def quantize_slab(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         counted = quantize_counted(groups, k)
         if counted is not None:
             return counted
+    return quantize_sorted(groups, k)
+
+
+def quantize_sorted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_slab` by one sort of each group's fp16 values."""
     xs, order = sort_rows(groups)
     runs = Runs.of_sorted(xs)
     lut = kmeans_sorted(runs, k).half()
@@ -414,16 +419,16 @@ def fp16_keys(groups: torch.Tensor, chunks: list[slice]) -> np.ndarray:
     return keys
 
 
-def bin_of(keys: np.ndarray, rows: slice, low: int, span: int) -> np.ndarray:
+def bin_of(keys: np.ndarray, rows: slice, low: np.ndarray, span: int) -> np.ndarray:
     """int64 bin of each value of ``keys[rows]`` in the flattened (rows,
-    span) histogram of those rows whose bin 0 is the key ``low``."""
-    return np.add(keys[rows], (np.arange(rows.stop - rows.start, dtype=np.int64) * span - low)[:, None])
+    span) histogram of those rows, bin 0 of each row being its key ``low``."""
+    return np.add(keys[rows], (np.arange(rows.stop - rows.start, dtype=np.int64) * span - low[rows])[:, None])
 
 
 def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`quantize_slab`'s result from a histogram of each group's fp16
     bit patterns instead of a sort: the same tables and indices, in
-    O(values) plus O(bins). A group's bins are the patterns from the slab's
+    O(values) plus O(bins). A group's bins are the patterns from its
     smallest value to its largest, in order, so its nonzero bins are its
     sorted distinct values with their counts (a bf16 weight has ~2,500 per
     group of 65 K values, an fp16 one ~13,000), and the indices are a lookup
@@ -431,7 +436,7 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     histogram and the lookup run ``CHUNK_VALUES`` at a time, so that the
     int64 bin numbers stay in cache.
 
-    None (the sort's turn) when a slab spans more than ``BINS_PER_VALUE``
+    None (the sort's turn) when a group spans more than ``BINS_PER_VALUE``
     bins per value (small groups of spread values: sorting is cheaper) or
     holds inf or NaN (which the sort handled before this path existed)."""
     g, n = groups.shape
@@ -440,9 +445,9 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     keys = fp16_keys(groups, chunks)
     if not keys.size:
         return None
-    low, high = int(keys.min()), int(keys.max())
-    span = high - low + 1
-    if low <= NEGATIVE_INF_KEY or high >= POSITIVE_INF_KEY or span > BINS_PER_VALUE * n:
+    low, high = keys.min(axis=1).astype(np.int64), keys.max(axis=1).astype(np.int64)
+    span = int((high - low).max()) + 1
+    if low.min() <= NEGATIVE_INF_KEY or high.max() >= POSITIVE_INF_KEY or span > BINS_PER_VALUE * n:
         return None
     counts = np.empty((g, span), dtype=np.int64)
     for rows in chunks:
@@ -450,29 +455,29 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         counts[rows] = part.reshape(-1, span)
     # -0 and +0 compare equal, so the sort's runs count them as one value
     # (+0 where a group has both)
-    both_zeros = None
-    if low <= NEGATIVE_ZERO_KEY and high >= ZERO_KEY:
-        minus, plus = NEGATIVE_ZERO_KEY - low, ZERO_KEY - low
-        both_zeros = np.nonzero((counts[:, minus] > 0) & (counts[:, plus] > 0))[0]
-        counts[both_zeros, plus] += counts[both_zeros, minus]
-        counts[both_zeros, minus] = 0
+    signed = np.nonzero((low <= NEGATIVE_ZERO_KEY) & (high >= ZERO_KEY))[0]
+    minus, plus = signed * span + NEGATIVE_ZERO_KEY - low[signed], signed * span + ZERO_KEY - low[signed]
+    tally = counts.ravel()
+    both = (tally[minus] > 0) & (tally[plus] > 0)
+    minus, plus = minus[both], plus[both]
+    tally[plus] += tally[minus]
+    tally[minus] = 0
     flat = np.flatnonzero(counts)  # 2x np.nonzero's speed here
     rows, bins = np.divmod(flat, span)
     per_row = np.bincount(rows, minlength=g)
     start = np.cumsum(per_row) - per_row
     rank = np.arange(len(rows)) - start[rows]
-    values = order_keys((bins + low).astype(np.int16)).view(np.float16).astype(np.float32)
+    values = order_keys((bins + low[rows]).astype(np.int16)).view(np.float16).astype(np.float32)
     distinct = int(per_row.max())
     xs = np.repeat(values[start + per_row - 1][:, None], distinct, axis=1)
     xs[rows, rank] = values
     count = np.zeros((g, distinct + 1))
-    count[rows, rank + 1] = counts.ravel()[flat]
+    count[rows, rank + 1] = tally[flat]
     runs = Runs(torch.from_numpy(xs), torch.from_numpy(count))
     lut = kmeans_sorted(runs, k).half().sort(dim=1).values  # as quantize_slab
     entry = np.zeros((g, span), dtype=np.uint8)
     entry.ravel()[flat] = run_ids(runs.cuts(lut), distinct).numpy()[rows, rank]
-    if both_zeros is not None:
-        entry[both_zeros, minus] = entry[both_zeros, plus]
+    entry.ravel()[minus] = entry.ravel()[plus]
     indices = np.empty((g, n), dtype=np.uint8)
     for rows in chunks:
         np.take(entry[rows].ravel(), bin_of(keys, rows, low, span), out=indices[rows])
