@@ -161,11 +161,16 @@ def counted_cases() -> dict[str, torch.Tensor]:
     few[3, :100] = 0.0
     few[3, 100:200] = -0.0
     few[4] = -0.0  # only -0
-    return {"bf16": bf16_groups(6, 8192, 4), "fp16": fp16, "folded bf16": folded, "few values": few}
+    zeros = bf16_groups(4, 8192, 10)  # sparse: many zeros of both signs, whose count moves the centroids
+    zeros[:, :3000] = 0.0
+    zeros[:3, 1000:3000] = -0.0
+    zeros[3, :3000] = -0.0
+    return {"bf16": bf16_groups(6, 8192, 4), "fp16": fp16, "folded bf16": folded, "few values": few,
+            "signed zeros": zeros}
 
 
 @pytest.mark.parametrize("bits", [4, 6])
-@pytest.mark.parametrize("case", ["bf16", "fp16", "folded bf16", "few values"])
+@pytest.mark.parametrize("case", ["bf16", "fp16", "folded bf16", "few values", "signed zeros"])
 def test_counting_patterns_gives_the_sorts_tables_and_indices(case, bits):
     groups = counted_cases()[case]
     counted = lut.quantize_counted(groups, 1 << bits)
