@@ -14,15 +14,19 @@ Two steps, so that each weight is clustered once however many functions use it:
    ``prefill`` functions get byte-identical tables and indices, which
    ``save_multifunction`` stores once.
 
-The k-means works on each group's sorted distinct values with their counts
-(one radix sort of the fp16 bit patterns): a cluster is then a contiguous run,
-and prefix sums give any run's mean and squared error in O(1). Lloyd's
-iterations start from quantiles of the companded density (see
-:func:`companded_start`, deterministic), then :func:`refine` moves each cut to
-the best place for its two runs. Measured against coremltools' exact 1-D
-k-means on 1B-shaped weights, the error ends 0.3% above the optimum at 4
-bits and 1.3-1.6% at 6 bits (fp16 and bf16 weights), at 5-10 s per 100 M
-weights on 2 cores (``bench/quantizer.py``).
+The k-means works on each group's sorted distinct values with their counts:
+a cluster is then a contiguous run, and prefix sums give any run's mean and
+squared error in O(1). Those come from a histogram of the group's fp16 bit
+patterns (:func:`quantize_counted`: O(values), the indices a lookup of each
+value's pattern), or, for small groups spread over many patterns, from one
+radix sort of them (:func:`quantize_sorted`); both give the same tables and
+indices. Lloyd's iterations start from quantiles of the companded density
+(see :func:`companded_start`, deterministic), then :func:`refine` moves each
+cut to the best place for its two runs. A group's result depends on its own
+values only, not on the slab it is computed in. Measured against
+coremltools' exact 1-D k-means on 1B-shaped weights, the error ends 0.3%
+above the optimum at 4 bits and 1.3-1.6% at 6 bits (fp16 and bf16 weights);
+speeds in README.md (``bench/quantizer.py``).
 """
 from __future__ import annotations
 
@@ -44,10 +48,13 @@ from shared.settings import env_count
 log = logging.getLogger(__name__)
 
 # Groups are processed in slabs of at most this many values, two at a time:
-# the temporaries (sort order, prefix sums) take about 60 bytes per value.
+# the temporaries (histogram or sort order, prefix sums) take 7 bytes per
+# value on a bf16 weight, about 70 on fp16 groups of 16 K values (measured).
 SLAB_VALUES = 8_000_000
+# Groups are counted, not sorted, when they span at most this many fp16
+# patterns per value (1B-shaped groups of 16-65 K values span 0.4-1.5).
 BINS_PER_VALUE = 4
-CHUNK_VALUES = 1 << 18
+CHUNK_VALUES = 1 << 18  # values per pass of the histogram and the lookup (int64 bins: 2 MB)
 QUANTIZE_THREADS = 2  # ANEMLL_QUANTIZE_THREADS changes it
 LLOYD_ITERATIONS = 20
 REFINE_SWEEPS = 10
