@@ -221,3 +221,16 @@ def test_dense_is_the_table_looked_up_by_the_indices():
     q = lut.quantize_weight(w, 4, 8)
     assert q.dense.dtype == torch.float16 and q.dense.shape == w.shape
     assert torch.equal(q.dense.reshape(8, -1), q.lut.gather(1, q.indices.reshape(8, -1).long()))
+
+
+@pytest.mark.parametrize("chunk", [1000, 20_000])
+def test_counting_in_pieces_of_rows_or_of_one_long_row_gives_the_same(chunk, monkeypatch):
+    """Pieces of several rows (groups of 8 K values) and pieces of one row
+    (one table per tensor: a row longer than a piece)."""
+    groups = bf16_groups(5, 8192, 11)
+    whole = lut.quantize_counted(groups, 16), lut.quantize_counted(groups.reshape(1, -1), 16)
+    monkeypatch.setattr(lut, "CHUNK_VALUES", chunk)
+    assert len(lut.chunks_of(*groups.shape)) > 1
+    pieces = lut.quantize_counted(groups, 16), lut.quantize_counted(groups.reshape(1, -1), 16)
+    for got, want in zip(pieces, whole):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

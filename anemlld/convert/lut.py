@@ -416,20 +416,31 @@ NEGATIVE_INF_KEY, POSITIVE_INF_KEY = _key_of(-math.inf), _key_of(math.inf)
 NEGATIVE_ZERO_KEY, ZERO_KEY = _key_of(-0.0), _key_of(0.0)
 
 
-def fp16_keys(groups: torch.Tensor, chunks: list[slice]) -> np.ndarray:
+def chunks_of(g: int, n: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) pieces of a (g, n) slab of about ``CHUNK_VALUES``
+    values: whole rows, or pieces of one row when a row is longer (one
+    table per tensor)."""
+    if n >= CHUNK_VALUES:
+        return [(slice(r, r + 1), slice(c, min(c + CHUNK_VALUES, n))) for r in range(g) for c in range(0, n, CHUNK_VALUES)]
+    step = CHUNK_VALUES // max(n, 1)
+    return [(slice(r, min(r + step, g)), slice(0, n)) for r in range(0, g, step)]
+
+
+def fp16_keys(groups: torch.Tensor, chunks: list[tuple[slice, slice]]) -> np.ndarray:
     """(G, N) int16: the order keys of ``groups`` rounded to fp16, a chunk
-    of rows at a time (torch rounds 3x faster than numpy here)."""
+    at a time (torch rounds 3x faster than numpy here)."""
     keys = np.empty(groups.shape, dtype=np.int16)
-    for rows in chunks:
-        bits = groups[rows].detach().half().numpy().view(np.int16)
-        np.bitwise_xor(bits, (bits >> 15) & np.int16(0x7FFF), out=keys[rows])
+    for piece in chunks:
+        bits = groups[piece].detach().half().numpy().view(np.int16)
+        np.bitwise_xor(bits, (bits >> 15) & np.int16(0x7FFF), out=keys[piece])
     return keys
 
 
-def bin_of(keys: np.ndarray, rows: slice, low: np.ndarray, span: int) -> np.ndarray:
-    """int64 bin of each value of ``keys[rows]`` in the flattened (rows,
-    span) histogram of those rows, bin 0 of each row being its key ``low``."""
-    return np.add(keys[rows], (np.arange(rows.stop - rows.start, dtype=np.int64) * span - low[rows])[:, None])
+def bin_of(keys: np.ndarray, piece: tuple[slice, slice], low: np.ndarray, span: int) -> np.ndarray:
+    """int64 bin of each value of ``keys[piece]`` in the flattened (rows,
+    span) histogram of the piece's rows, bin 0 of each row being its key ``low``."""
+    rows = piece[0]
+    return np.add(keys[piece], (np.arange(rows.stop - rows.start, dtype=np.int64) * span - low[rows])[:, None])
 
 
 def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -447,8 +458,7 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     bins per value (small groups of spread values: sorting is cheaper) or
     holds inf or NaN (which the sort handled before this path existed)."""
     g, n = groups.shape
-    step = max(1, CHUNK_VALUES // max(n, 1))
-    chunks = [slice(i, min(i + step, g)) for i in range(0, g, step)]
+    chunks = chunks_of(g, n)
     keys = fp16_keys(groups, chunks)
     if not keys.size:
         return None
@@ -456,10 +466,11 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     span = int((high - low).max()) + 1
     if low.min() <= NEGATIVE_INF_KEY or high.max() >= POSITIVE_INF_KEY or span > BINS_PER_VALUE * n:
         return None
-    counts = np.empty((g, span), dtype=np.int64)
-    for rows in chunks:
-        part = np.bincount(bin_of(keys, rows, low, span).ravel(), minlength=(rows.stop - rows.start) * span)
-        counts[rows] = part.reshape(-1, span)
+    counts = np.zeros((g, span), dtype=np.int64)
+    for piece in chunks:
+        rows = piece[0]
+        counts[rows] += np.bincount(bin_of(keys, piece, low, span).ravel(),
+                                    minlength=(rows.stop - rows.start) * span).reshape(-1, span)
     # -0 and +0 compare equal, so the sort's runs count them as one value
     # (+0 where a group has both)
     signed = np.nonzero((low <= NEGATIVE_ZERO_KEY) & (high >= ZERO_KEY))[0]
@@ -486,8 +497,8 @@ def quantize_counted(groups: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     entry.ravel()[flat] = run_ids(runs.cuts(lut), distinct).numpy()[rows, rank]
     entry.ravel()[minus] = entry.ravel()[plus]
     indices = np.empty((g, n), dtype=np.uint8)
-    for rows in chunks:
-        np.take(entry[rows].ravel(), bin_of(keys, rows, low, span), out=indices[rows])
+    for piece in chunks:
+        np.take(entry[piece[0]].ravel(), bin_of(keys, piece, low, span), out=indices[piece])
     return lut, torch.from_numpy(indices)
 
 
