@@ -234,3 +234,10 @@ def test_counting_in_pieces_of_rows_or_of_one_long_row_gives_the_same(chunk, mon
     pieces = lut.quantize_counted(groups, 16), lut.quantize_counted(groups.reshape(1, -1), 16)
     for got, want in zip(pieces, whole):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_shifted_columns_are_the_clamped_index():
+    t = torch.randn(3, 6)
+    for by in range(-8, 9):
+        for width in (1, 5, 6, 9):
+            assert torch.equal(lut.shifted(t, by, width), t[:, (torch.arange(width) + by).clamp(0, 5)])
