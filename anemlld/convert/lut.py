@@ -195,8 +195,8 @@ class Runs:
         of those groups only (``i`` then has a row for each)."""
         if rows is None:
             return self.ccount.gather(1, i), self.csum.gather(1, i), self.csq.gather(1, i)
-        r = rows.unsqueeze(1)
-        return self.ccount[r, i], self.csum[r, i], self.csq[r, i]
+        flat = i + (rows * self.ccount.shape[1]).unsqueeze(1)  # one index for the three takes
+        return self.ccount.take(flat), self.csum.take(flat), self.csq.take(flat)
 
     def positions(self, cuts: torch.Tensor) -> torch.Tensor:
         """Where ``cuts`` (indices of distinct values) fall in the sorted row."""
