@@ -218,8 +218,7 @@ class Runs:
         return torch.where(counts > 0, self.sum(a, b) / counts.clamp(min=1), otherwise)
 
     def sse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        s = self.sum(a, b)
-        return (self.csq.gather(1, b) - self.csq.gather(1, a)) - s * s / self.count(a, b).clamp(min=1)
+        return run_sse(self.at(a), self.at(b))
 
     def cuts(self, centroids: torch.Tensor) -> torch.Tensor:
         """Where each run of the nearest-centroid assignment starts (G, k-1)."""
@@ -228,9 +227,9 @@ class Runs:
 
 
 def run_sse(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """:meth:`Runs.sse` of the runs between prefixes ``a`` and ``b`` (from
-    :meth:`Runs.at`, broadcast against each other): the same arithmetic, so
-    that a prefix gathered once serves every candidate cut."""
+    """The squared error of the runs between prefixes ``a`` and ``b`` (from
+    :meth:`Runs.at`, broadcast against each other), so that a prefix
+    gathered once serves every candidate cut."""
     s = b[1] - a[1]
     return (b[2] - a[2]) - s * s / (b[0] - a[0]).clamp(min=1)
 
