@@ -190,9 +190,12 @@ def _prefer(p: Path, ext: str) -> Path:
     return alt if alt.exists() else p
 
 
-def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any]) -> None:
+def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any],
+               model_type: str = "chunked") -> None:
+    """ANEMLL 0.3.5's runner reads ``model_type`` from ``model_info`` (not
+    its ``parameters``); ours is written in both places."""
     doc = {"model_info": {"name": name, "version": version, "architecture": architecture,
-                          "parameters": params}}
+                          "model_type": model_type, "parameters": {**params, "model_type": model_type}}}
     (root / META_FILE).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
@@ -208,7 +211,14 @@ def read_meta(root: str | Path) -> Layout:
         params = dict(info.pop("parameters"))
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
-    kind = str(params.get("model_type", "chunked"))
+    # ANEMLL 0.3.5 writes model_type beside the parameters (model_info.model_type),
+    # and only for monolithic models; ours carry it in both places.
+    kinds = {str(v) for v in (info.get("model_type"), params.get("model_type")) if v is not None}
+    if len(kinds) > 1:
+        raise BadInput(f"{path} says model_type {info['model_type']!r} in model_info and "
+                       f"{params['model_type']!r} in its parameters", "fix meta.yaml or convert the model again",
+                       stage="load")
+    kind = kinds.pop() if kinds else "chunked"
     if kind not in ("chunked", "monolithic"):
         raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")

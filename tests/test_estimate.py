@@ -63,6 +63,28 @@ def test_a_part_over_the_size_limit_is_refused_at_planning_with_the_lut_that_fit
     fits.source.close()
 
 
+def test_a_per_tensor_lut_raises_the_peak_by_its_kmeans_and_is_refused_where_the_machine_lacks_it(
+        wide_llama, tmp_path, monkeypatch):
+    from anemlld.convert import memory
+
+    grouped = pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": 6}))
+    per_tensor = pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": "6,0"}))
+    for p in (grouped, per_tensor):
+        p.source.close()
+    weights = 4096 * 256  # the embeddings: one table over all of them
+    assert memory.per_tensor_kmeans(grouped) is None
+    assert memory.per_tensor_kmeans(per_tensor)[:2] == ("lut_embeddings", weights)
+    assert estimate.estimate(per_tensor).peak_bytes - estimate.estimate(grouped).peak_bytes >= 15 * weights
+    # a machine with more than the grouped peak and less than the per-tensor one
+    monkeypatch.setattr(memory, "total", lambda: estimate.estimate(per_tensor).peak_bytes - 1)
+    pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": 6})).source.close()
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=r'lut_embeddings = "6,0" clusters one table over 1 M weights') as e:
+        pipeline.convert(wide_llama, out, ConvertOptions.from_mapping({**OPTIONS, "lut_embeddings": "6,0"}))
+    assert '"6,16"' in e.value.hint and e.value.stage == "inspect"
+    assert not out.exists() and not list(tmp_path.iterdir())  # refused before any work
+
+
 def test_cli_estimate_prints_the_plan_and_writes_nothing(wide_llama, tmp_path, capsys):
     assert cli.main(["convert", str(wide_llama), "--estimate", "--context-length", "64", "--batch-size", "16"]) == 0
     out = capsys.readouterr().out

@@ -65,12 +65,17 @@ def test_the_tokenizer_is_found_from_another_working_directory(ours, tmp_path):
     assert tok("hello")["input_ids"]
 
 
-def rewrite(folder: Path, dest: Path, **changes) -> Path:
+def rewrite(folder: Path, dest: Path, info: dict | None = None, **changes) -> Path:
+    """A copy of ``folder`` with meta.yaml's parameters changed (``info``:
+    keys of model_info itself; None removes a key)."""
     import shutil
 
     shutil.copytree(folder, dest)
     doc = yaml.safe_load((dest / "meta.yaml").read_text())
-    doc["model_info"]["parameters"].update(changes)
+    for where, edits in ((doc["model_info"], info or {}), (doc["model_info"]["parameters"], changes)):
+        where.update(edits)
+        for key in [k for k, v in edits.items() if v is None]:
+            del where[key]
     (dest / "meta.yaml").write_text(yaml.safe_dump(doc))
     return dest
 
@@ -82,14 +87,15 @@ def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_
     assert [c.name for c in layout.read_meta(other).chunks()] == [c.name for c in layout.read_meta(ours).chunks()]
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"model_type": "monolithic"}, "lacks model_info.parameters.monolithic_model"),
-    ({"argmax_in_model": True, "lm_head_chunk_sizes": "many"}, "lm_head_chunk_sizes"),
-    ({"model_type": "hybrid"}, "model_type 'hybrid'"),
-    ({"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
+@pytest.mark.parametrize("info, changes, needle", [
+    ({"model_type": "monolithic"}, {"model_type": None}, "lacks model_info.parameters.monolithic_model"),
+    ({}, {"model_type": "monolithic"}, "model_type 'chunked' in model_info and 'monolithic' in its parameters"),
+    ({}, {"argmax_in_model": True, "lm_head_chunk_sizes": "many"}, "lm_head_chunk_sizes"),
+    ({"model_type": "hybrid"}, {"model_type": None}, "model_type 'hybrid'"),
+    ({}, {"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
 ])
-def test_meta_yaml_we_cannot_read_is_refused_with_a_message(ours, tmp_path, changes, needle):
-    other = rewrite(ours, tmp_path / "other", **changes)
+def test_meta_yaml_we_cannot_read_is_refused_with_a_message(ours, tmp_path, info, changes, needle):
+    other = rewrite(ours, tmp_path / "other", info, **changes)
     with pytest.raises(BadInput, match=needle) as info:
         layout.read_meta(other)
     assert info.value.hint
