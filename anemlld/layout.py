@@ -91,7 +91,8 @@ class Layout:
 
     @property
     def split_lm_head(self) -> int:
-        return int(self.params.get("split_lm_head", 8))
+        """Outputs of the LM head (``logits1..K``); older folders name it ``num_logits``."""
+        return int(self.params.get("split_lm_head", self.params.get("num_logits", 8)))
 
     @property
     def argmax_only(self) -> bool:
@@ -181,8 +182,12 @@ class Layout:
         return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
 
 
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+FLAGS = ("argmax_in_model", "update_mask_prefill", "prefill_dynamic_slice")
+
+
 def _true(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+    return value is True or str(value).strip().lower() in TRUE
 
 
 def _prefer(p: Path, ext: str) -> Path:
@@ -228,7 +233,13 @@ def read_meta(root: str | Path) -> Layout:
     missing = [k for k in needed if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
-    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window", "ring_size"):
+    for key in FLAGS:
+        value = params.get(key)
+        if value is not None and not isinstance(value, bool) and str(value).strip().lower() not in TRUE + FALSE:
+            raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is neither true nor false",
+                           "fix meta.yaml or convert the model again", stage="load")
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "num_logits", "sliding_window",
+                "ring_size"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
