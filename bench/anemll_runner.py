@@ -235,15 +235,6 @@ def last_error(log: Path) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def references(src: Path, folder: Path, ids: list[int], max_tokens: int) -> tuple[list[int], list[int], set[int]]:
     from anemlld.runtime.engine import Engine
     from anemlld.runtime.sampling import SamplingParams
@@ -272,6 +263,8 @@ def main() -> None:
     if args.child:
         child(args.chat_py[0].resolve(), args.chat_py[1].resolve(), args.prompt, args.max_tokens, args.result)
         return
+    from anemlld.runtime.prefix_cache import common_prefix
+
     print_header("ANEMLL's runners on our folders (Core ML predictions by the portable executor)")
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="anemll-runner-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -296,8 +289,8 @@ def main() -> None:
                     ours, theirs, eos = refs[key]
                     body = got[:-1] if got and got[-1] in eos else got  # the runner prints its stop token
                     n = min(len(body), len(ours))
-                    engine_cell = f"{leading_agreement(body, ours)}/{n}" + (" equal" if body[:n] == ours[:n] else "")
-                    hf_cell = f"{leading_agreement(body, theirs)}/{min(len(body), len(theirs))}"
+                    engine_cell = f"{common_prefix(body, ours)}/{n}" + (" equal" if body[:n] == ours[:n] else "")
+                    hf_cell = f"{common_prefix(body, theirs)}/{min(len(body), len(theirs))}"
                 rows.append([layout, version, form, "yes" if runs else "no", str(len(got)), engine_cell, hf_cell,
                              "" if runs else r["last_line"]])
                 print(" | ".join(rows[-1]), flush=True)
