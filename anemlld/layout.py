@@ -116,12 +116,16 @@ class Layout:
         """Vocabulary entries per LM-head split, in order: maps a split's own
         argmax to a token id."""
         sizes = self.params.get("lm_head_chunk_sizes")
-        if sizes is None:
-            vocab, parts = int(self.params["vocab_size"]), self.split_lm_head
-            return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
         if isinstance(sizes, str):
             sizes = [s for s in sizes.strip("[] ").split(",") if s.strip()]
-        return [int(s) for s in sizes]
+        parts = self.split_lm_head
+        if sizes is not None:
+            sizes = [int(s) for s in sizes]  # ValueError for what is not a list of whole numbers
+        if sizes is not None and (len(sizes) == parts or "vocab_size" not in self.params):
+            return sizes
+        # none, or not one per split: from the vocabulary, as ANEMLL's runner does then
+        vocab = int(self.params["vocab_size"])
+        return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
 
     @property
     def sliding_window(self) -> int | None:
@@ -244,6 +248,9 @@ def read_meta(root: str | Path) -> Layout:
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
                            "fix meta.yaml or convert the model again", stage="load")
+        if value is not None and key not in ("sliding_window", "ring_size") and int(value) < 1:
+            raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} must be at least 1",
+                           "fix meta.yaml or convert the model again", stage="load")
     window, ring = int(params.get("sliding_window") or 0), int(params.get("ring_size") or 0)
     if ring and not window:
         raise BadInput(f"{path} gives a ring_size but no sliding_window", "convert the model again", stage="load")
@@ -259,12 +266,13 @@ def read_meta(root: str | Path) -> Layout:
                        "functions)", stage="load")
     sizes = params.get("lm_head_chunk_sizes")
     try:
-        if sizes is None and _true(params.get("argmax_in_model")):
-            int(params["vocab_size"])
-        elif sizes is not None:
-            Layout(root, params, info).lm_head_chunk_sizes
+        lay = Layout(root, params, info)
+        argmax = lay.argmax_only or lay.head_argmax_function  # the splits' winners are mapped with the sizes
+        if sizes is not None or argmax:
+            if argmax and len(lay.lm_head_chunk_sizes) != lay.split_lm_head:
+                raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a list of whole numbers) or "
+        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a whole number per split) or "
                        f"vocab_size to map its answers to tokens; it has lm_head_chunk_sizes = {sizes!r}",
                        "fix meta.yaml or convert the model again", stage="load") from None
-    return Layout(root, params, info)
+    return lay

@@ -95,6 +95,8 @@ def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_
     ({}, {"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
     ({}, {"argmax_in_model": "maybe"}, "argmax_in_model = 'maybe' is neither true nor false"),
     ({}, {"split_lm_head": None, "num_logits": "sixteen"}, "num_logits = 'sixteen' is not a whole number"),
+    ({}, {"num_chunks": 0}, "num_chunks = 0 must be at least 1"),
+    ({}, {"argmax_in_model": True, "lm_head_chunk_sizes": [2048, 2048], "vocab_size": None}, "a whole number per split"),
 ])
 def test_meta_yaml_we_cannot_read_is_refused_with_a_message(ours, tmp_path, info, changes, needle):
     other = rewrite(ours, tmp_path / "other", info, **changes)
@@ -217,3 +219,9 @@ def test_our_folders_declare_exactly_what_anemll_0_3_5s_runner_opens_and_sends(w
                     outputs = {o.name for o in desc.output}
                     assert outputs == {f"logits{i + 1}" for i in range(int(params["split_lm_head"]))}, path.name
     assert any("kv_cache_0" in s for s in states)  # its cache detection: one unified state for every chunk
+
+
+def test_split_sizes_that_do_not_match_the_head_are_taken_from_the_vocabulary_as_anemlls_runner_does(ours, tmp_path):
+    other = rewrite(ours, tmp_path / "v035", argmax_in_model=True, lm_head_chunk_sizes=[4096])
+    lay = layout.read_meta(other)
+    assert lay.split_lm_head == 8 and lay.lm_head_chunk_sizes == [512] * 8  # 4096 = vocab_size, in 8 splits
