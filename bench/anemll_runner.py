@@ -59,6 +59,7 @@ from common import REPO, print_header, table  # noqa: F401 (sets up sys.path)
 PROMPT = "What does the tar command do?"
 STANDIN = "PORTABLE_STANDIN"  # inside a stand-in .mlmodelc: the package it stands for
 PICO = REPO / "examples" / "pico-llama"
+PICO_QWEN3 = REPO.parent / "shared" / "models" / "pico-qwen3"  # the project's shared models, when present
 # Options per layout: small context and batch so that a prompt fills one
 # prefill batch and leaves a remainder (both of the runners' paths run).
 SMALL = {"context_length": 256, "batch_size": 16, "chunks": 2}
@@ -67,6 +68,7 @@ LAYOUTS: dict[str, tuple[str, dict[str, Any]]] = {
     "chunked-lut4/6": ("pico", SMALL),
     "lut-groups": ("pico", {**SMALL, "lut_ffn": "4,8", "lut_lm_head": "6,0"}),
     "argmax-in-model": ("pico", {**SMALL, "argmax_in_model": True}),
+    "qwen3-lut4/6": ("pico-qwen3", SMALL),  # a head in 16 splits
     "monolithic": ("pico", {"context_length": 256, "batch_size": 16, "monolithic": True}),
     "gemma3-ring": ("gemma3-window4", {"context_length": 64, "batch_size": 16, "lut_embeddings": "none",
                                        "lut_ffn": "none", "lut_lm_head": "none"}),
@@ -176,6 +178,10 @@ def child(chat_py: Path, folder: Path, prompt: str, max_tokens: int, out: Path) 
 def source(kind: str, root: Path) -> Path:
     if kind == "pico":
         return PICO
+    if kind == "pico-qwen3":
+        if not PICO_QWEN3.is_dir():
+            raise SystemExit(f"{PICO_QWEN3} is not here: leave qwen3-lut4/6 out of --layouts")
+        return PICO_QWEN3
     from tests.conftest import make_tiny_model
 
     dest = root / "src" / kind

@@ -119,14 +119,15 @@ def check_memory(plan: "Plan") -> None:
     tensor = memory.per_tensor_kmeans(plan)
     what = f"converting {plan.source.path.name} needs about {memory.gb(need)} at its peak, more than this " \
            f"machine's {memory.gb(have)}"
-    if tensor and tensor[2] >= need:
-        option, weights, _ = tensor
+    if tensor and tensor.peak >= need:
+        option, weights = tensor.option, tensor.weights
         bits = getattr(plan.options, option)
+        fix = (f"give {option} a group size (\"{bits},16\", or plain {bits}: a table per 16 output channels, "
+               f"which k-means in bounded slabs: about {memory.gb(tensor.grouped())}), or "
+               if tensor.grouped() <= have else "")
         raise BadInput(f"{what}: {option} = \"{bits},0\" clusters one table over {weights / 1e6:.0f} M weights "
                        f"at once (about {memory.BYTES_PER_TENSOR_KMEANS_WEIGHT} bytes each)",
-                       f"give {option} a group size (\"{bits},16\", or plain {bits}: a table per 16 output "
-                       "channels, which k-means in bounded slabs), or convert on a machine with more memory",
-                       stage="inspect")
+                       f"{fix}convert on a machine with more memory", stage="inspect")
     raise BadInput(what, "convert on a machine with more memory, or use smaller chunks (a lower max_chunk_mb)",
                    stage="inspect")
 
