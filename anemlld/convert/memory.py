@@ -61,8 +61,6 @@ class Kmeans:
 
 def kmeans_peaks(plan: "Plan") -> list[Kmeans]:
     """The k-means of each LUT's largest tensor and the memory it peaks at."""
-    from anemlld.convert.models.base import split_sizes
-
     args, o = plan.args, plan.options
     ends = args.vocab_size * args.hidden_size
     layer = max(args.intermediate_size, args.num_attention_heads * args.head_dim) * args.hidden_size
@@ -71,7 +69,7 @@ def kmeans_peaks(plan: "Plan") -> list[Kmeans]:
     # each option's largest tensor, and what else of its part is held (fp16) while it is clustered
     weights = {"lut_embeddings": (ends, whole if o.monolithic else ends),
                "lut_ffn": (layer, whole if o.monolithic else chunk),  # a direct chunk holds less: an upper bound
-               "lut_lm_head": (max(split_sizes(args.vocab_size, plan.lm_head_split)) * args.hidden_size,
+               "lut_lm_head": (-(-args.vocab_size // plan.lm_head_split) * args.hidden_size,  # the largest split
                                whole if o.monolithic else ends)}  # the head's splits are tensors of their own
     found = []
     for option, (w, held) in weights.items():
