@@ -38,10 +38,14 @@ BYTES_PER_END_WEIGHT = 13  # embeddings or LM head: the head is the costly one
 # weight itself: groups of 16 x 256 channels (embeddings-shaped, 17-67 M
 # weights) 808-1,211 MB, about 70 bytes per value of the two slabs plus 6
 # per weight; groups of 16 x 4096, 13 per slab value. A LUT of one table per
-# tensor ("6,0") is one group, so one slab however large the weight: 23.1-23.4
-# bytes per weight from 17 M to 67 M weights at 4, 6 and 8 bits, linear
-# (27.6 at 4 M, where fixed costs count). A 67 M-weight embeddings
-# conversion at "6,0" peaked at 2.36 GB, estimated 2.38 GB below.
+# tensor ("6,0") is one group, so one slab however large the weight: 23.0-23.4
+# bytes per weight from 17 M to 525 M weights (Llama-3.1-8B's embeddings,
+# 128256 x 4096: 12.09 GB, 97 s) at 4, 6 and 8 bits, linear (27.6 at 4 M,
+# where fixed costs count); 28 leaves room for the rest of a conversion: a
+# 67 M-weight embeddings conversion at "6,0" peaked at 2.36 GB, estimated
+# 2.38 GB below (2.12 with 24); at "6", 2.01-2.10 GB,
+# estimated 2.04 GB (at 134 M weights the grouped k-means held 881 MB: the
+# slab term is an upper bound).
 BYTES_PER_SLAB_VALUE, SLAB_VALUES, KMEANS_OUTPUT_BYTES = 70, 2 * 8_000_000, 6
 BYTES_PER_TENSOR_KMEANS_WEIGHT = 28
 
