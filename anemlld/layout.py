@@ -15,6 +15,8 @@ from shared.errors import BadInput
 
 META_FILE = "meta.yaml"
 MANIFEST_FILE = "anemlld.json"  # marks a folder as ours; holds fingerprint and options
+# ANEMLL's runner takes this window for a gemma3-prefixed folder whose meta.yaml names none
+ANEMLL_GEMMA3_WINDOW = 512
 
 
 def folder_size(path: str | Path | None) -> int:
@@ -106,6 +108,11 @@ class Layout:
         return _true(self.params.get("update_mask_prefill"))
 
     @property
+    def prefill_dynamic_slice(self) -> bool:
+        """Prefill functions write the cache at ``current_pos`` (ours, ANEMLL 0.3.5's)."""
+        return _true(self.params.get("prefill_dynamic_slice"))
+
+    @property
     def head_argmax_function(self) -> bool:
         """The LM head has an ``argmax`` function beside its default ``logits``
         (ours, with ``--argmax-in-model``)."""
@@ -142,6 +149,21 @@ class Layout:
         return int(value) if value else None
 
     @property
+    def rotation_window(self) -> int | None:
+        """ANEMLL's Gemma 3 layout: the window of the local caches that its
+        ``infer_rotate`` / ``prefill_rotate`` functions shift once the
+        position reaches it (runtime/rotation.py); None for every other folder
+        (ours keep rings; a window as long as the context never binds)."""
+        window, ours = self.sliding_window, (self.root / MANIFEST_FILE).is_file()
+        return window if window and not self.ring_size and window < self.context_length and not ours else None
+
+    @property
+    def split_rotate(self) -> bool:
+        """Each chunk in two files (ANEMLL's ``--split-rotate``): ``ffn`` holds
+        ``infer`` and ``infer_rotate``, ``pf`` the prefill functions."""
+        return _true(self.params.get("split_rotate"))
+
+    @property
     def full_attention(self) -> bool:
         """Whether any layer attends to the whole context (takes causal_mask)."""
         return self.ring_size is None or bool(self.params.get("global_layers"))
@@ -172,22 +194,60 @@ class Layout:
         """Every part file, in the order a token runs through them."""
         if self.monolithic:
             return [self.part("monolithic_model", prefer)]
+        if self.split_rotate:
+            self.prefill_chunks(prefer)  # not on a token's way, but they must be there too
         return [self.part("embeddings", prefer), *self.chunks(prefer), self.part("lm_head", prefer)]
 
-    def chunks(self, prefer: str = ".mlmodelc") -> list[Path]:
-        ffn = str(self.params["ffn"])
+    def chunks(self, prefer: str = ".mlmodelc", key: str = "ffn") -> list[Path]:
+        """The FFN chunk files meta.yaml's ``ffn`` names (``pf``: the prefill
+        files of a split-rotate folder)."""
+        ffn = str(self.params[key])
         for ext in (".mlmodelc", ".mlpackage"):
             if ffn.endswith(ext):
                 ffn = ffn[: -len(ext)]
         # ANEMLL 0.3.4 names the base (llama_FFN_PF_lut4), 0.3.5 the first chunk
-        # (llama_FFN_PF_lut4_chunk_01of02): the runtime appends the suffix either way.
-        ffn = re.sub(r"_chunk_\d+of\d+$", "", ffn)
+        # (llama_FFN_PF_lut4_chunk_01of02, or gemma3_FFN_chunk_01of02_combined
+        # with --split-rotate): the chunk number goes where the suffix is, or at the end.
         n = self.num_chunks
-        return [_prefer(self._resolve(f"{ffn}_chunk_{i + 1:02d}of{n:02d}"), prefer) for i in range(n)]
+        if re.search(r"_chunk_\d+of\d+", ffn):
+            names = [re.sub(r"_chunk_\d+of\d+", f"_chunk_{i + 1:02d}of{n:02d}", ffn) for i in range(n)]
+        else:
+            names = [f"{ffn}_chunk_{i + 1:02d}of{n:02d}" for i in range(n)]
+        return [_prefer(self._resolve(name), prefer) for name in names]
+
+    def prefill_chunks(self, prefer: str = ".mlmodelc") -> list[Path]:
+        """The files holding each chunk's prefill function: the chunks, or a
+        split-rotate folder's ``pf`` files."""
+        return self.chunks(prefer, "pf") if self.split_rotate else self.chunks(prefer)
+
+
+def _check_rotation_layout(path: Path, params: dict[str, Any]) -> None:
+    """ANEMLL's Gemma 3 with a window shorter than the context: the variants
+    served (four functions per chunk in one file or, split-rotate, in two;
+    prefill by dynamic slice or update_mask, or none) and those refused by name."""
+    convert = "or let anemlld convert the original Hugging Face model (its ring caches need no rotate functions)"
+    if _true(params.get("single_cache")):
+        raise BadInput(f"{path} sets single_cache: ANEMLL's Gemma 3 with one KV cache and no rotation, whose "
+                       "local layers see no window once the position passes it; anemlld does not serve it",
+                       f"convert it with ANEMLL without --single-cache (two caches, rotate functions), {convert}",
+                       stage="load")
+    if params["model_type"] == "monolithic":
+        raise BadInput(f"{path} is a monolithic Gemma 3 with a sliding window shorter than its context "
+                       f"({params['sliding_window']} < {params['context_length']}), which anemlld does not serve",
+                       f"convert it with ANEMLL in chunks (--chunk 1 or more), {convert}", stage="load")
+    if _true(params.get("split_rotate")) and "pf" not in params:
+        raise BadInput(f"{path} sets split_rotate but names no pf (the files of the prefill functions)",
+                       "add pf: (the first PF chunk's file name) to meta.yaml, or convert the model again",
+                       stage="load")
+    size = params.get("attention_size")
+    if size is not None and str(size).strip() != str(params["context_length"]):
+        raise BadInput(f"{path}: attention_size {size} differs from context_length {params['context_length']}; "
+                       "anemlld serves ANEMLL's Gemma 3 folders whose causal mask spans the context only",
+                       f"convert it with ANEMLL without a separate attention size, {convert}", stage="load")
 
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
-FLAGS = ("argmax_in_model", "update_mask_prefill", "prefill_dynamic_slice")
+FLAGS = ("argmax_in_model", "update_mask_prefill", "prefill_dynamic_slice", "split_rotate", "single_cache")
 
 
 def _true(value: Any) -> bool:
@@ -232,6 +292,9 @@ def read_meta(root: str | Path) -> Layout:
         raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")
     params["model_type"] = kind
+    if ("sliding_window" not in params and str(params.get("model_prefix", "")).lower().startswith("gemma3")
+            and not (root / MANIFEST_FILE).is_file()):
+        params["sliding_window"] = ANEMLL_GEMMA3_WINDOW
     needed = ("context_length", "monolithic_model") if kind == "monolithic" else (
         "context_length", "num_chunks", "embeddings", "lm_head", "ffn")
     missing = [k for k in needed if k not in params]
@@ -258,18 +321,15 @@ def read_meta(root: str | Path) -> Layout:
     if ring and ring < context and (ring % batch or ring < window + batch - 1):
         raise BadInput(f"{path}: ring_size {ring} cannot hold a window of {window} and a batch of {batch} in whole "
                        "batches", "convert the model again", stage="load")
-    if window and not ring and not (root / MANIFEST_FILE).is_file():
-        # ANEMLL's Gemma 3: window-sized local caches shifted by rotate functions
-        raise BadInput(f"{path} describes sliding-window layers in ANEMLL's layout (infer_rotate / prefill_rotate "
-                       "functions), which this anemlld cannot serve",
-                       "let anemlld convert the original Hugging Face model (its ring caches need no rotate "
-                       "functions)", stage="load")
+    if window and not ring and window < context and not (root / MANIFEST_FILE).is_file():
+        _check_rotation_layout(path, params)
     sizes = params.get("lm_head_chunk_sizes")
     try:
         lay = Layout(root, params, info)
         argmax = lay.argmax_only or lay.head_argmax_function  # the splits' winners are mapped with the sizes
         if sizes is not None or argmax:
-            if argmax and len(lay.lm_head_chunk_sizes) != lay.split_lm_head:
+            found = lay.lm_head_chunk_sizes
+            if argmax and len(found) != lay.split_lm_head:
                 raise ValueError
     except (KeyError, TypeError, ValueError):
         raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a whole number per split) or "

@@ -59,7 +59,7 @@ def test_a_part_over_the_size_limit_is_refused_at_planning_with_the_lut_that_fit
     with pytest.raises(BadInput) as e:
         pipeline.plan(wide_llama, over)
     assert "llama_embeddings would be 2 MB, above max_chunk_mb = 1" in e.value.message
-    assert "lut_embeddings = 8" in e.value.hint and e.value.stage == "inspect"
+    assert "lut_embeddings = 8" in e.value.hint and "--lut-embeddings 8" in e.value.hint and e.value.stage == "inspect"
     fits = pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, "max_chunk_mb": 1, "lut_embeddings": 8}))
     fits.source.close()
 

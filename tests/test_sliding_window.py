@@ -214,7 +214,7 @@ def test_a_batch_that_would_wrap_the_ring_is_refused():
 @pytest.mark.parametrize("change, message", [
     (dict(ring_size=12), "ring_size 12 cannot hold a window of 4 and a batch of 8"),
     (dict(ring_size=None), None),  # anemlld's folders from before rings: served
-    (dict(ring_size=None, anemll=True), "ANEMLL's layout"),
+    (dict(ring_size=None, anemll=True), None),  # ANEMLL's Gemma 3 layout: served with rotate functions
     (dict(sliding_window=None), "a ring_size but no sliding_window"),
 ])
 def test_meta_yaml_with_an_unservable_window_or_ring_is_refused_by_name(engine, tmp_path, change, message):
@@ -228,12 +228,14 @@ def test_meta_yaml_with_an_unservable_window_or_ring_is_refused_by_name(engine, 
     folder = tmp_path / "m"
     shutil.copytree(engine.layout.root, folder)
     doc = yaml.safe_load((folder / "meta.yaml").read_text())
-    if change.pop("anemll", False):
+    anemll = change.pop("anemll", False)
+    if anemll:
         (folder / MANIFEST_FILE).unlink()
     doc["model_info"]["parameters"].update(change)
     (folder / "meta.yaml").write_text(yaml.safe_dump(doc))
     if message is None:
         assert read_meta(folder).ring_size is None and read_meta(folder).sliding_window == WINDOW
+        assert read_meta(folder).rotation_window == (WINDOW if anemll else None)  # tests/test_anemll_gemma.py
         return
     with pytest.raises(BadInput, match=message) as info:
         read_meta(folder)

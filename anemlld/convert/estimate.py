@@ -101,7 +101,8 @@ def check_part_sizes(plan: "Plan") -> None:
         if size <= limit:
             continue
         fits = [b for b in (8, 6, 4) if part.weights * b / 8 / MB <= limit and (part.bits is None or b < part.bits)]
-        fix = (f"set {key} = {fits[0]} in the sidecar's [convert] table ({part.weights * fits[0] / 8 / MB:.0f} MB)"
+        fix = (f"set {key} = {fits[0]} ({part.weights * fits[0] / 8 / MB:.0f} MB; --{key.replace('_', '-')} "
+               f"{fits[0]} on the command line, {key} = {fits[0]} in the sidecar's [convert] table)"
                if fits else f"no LUT brings it under {limit} MB")
         raise BadInput(f"{part.name} would be {size:.0f} MB, above max_chunk_mb = {limit} (iOS maps at most "
                        f"about 1 GB per file)", f"{fix}, or raise max_chunk_mb if the model only runs on macOS",

@@ -57,6 +57,10 @@ class Ring:
         ok = missing[m] == missing[np.maximum(0, m - self.window + 1)]
         return int(np.flatnonzero(ok)[-1])
 
+    def step_inputs(self, pos: int, count: int) -> dict[str, np.ndarray]:
+        """``ring_pos`` and ``local_mask`` for ``count`` tokens at ``pos``, recorded as written."""
+        return {"ring_pos": np.array([self.write(pos, count)], dtype=np.int32), "local_mask": self.mask(pos, count)}
+
     def mask(self, pos: int, count: int) -> np.ndarray:
         """``local_mask`` for rows at positions ``pos ..``, over the slots as they are now."""
         rows = np.arange(pos, pos + count)[:, None]
@@ -83,19 +87,21 @@ class Steps:
 
     @classmethod
     def of(cls, layout: Layout) -> "Steps":
-        return cls(layout.context_length, layout.sliding_window, layout.ring_size, layout.full_attention)
+        # ANEMLL's shifted local caches take the plain causal mask (its first columns)
+        window = None if layout.rotation_window else layout.sliding_window
+        return cls(layout.context_length, window, layout.ring_size, layout.full_attention)
 
     def new_ring(self) -> Ring | None:
         return None if self.ring is None else Ring(self.ring, self.window)
 
     def step(self, pos: int, count: int, ring: Ring | None = None) -> dict[str, np.ndarray]:
         """The inputs for ``count`` tokens at positions ``pos`` onward; the
-        tokens are recorded as written into ``ring``."""
+        tokens are recorded as written into ``ring`` (a ``Ring``, or
+        ANEMLL's shifted cache: runtime/rotation.py)."""
         out = {"position_ids": np.arange(pos, pos + count, dtype=np.int32)}
         if self.full:
             out["causal_mask"] = self.causal[None, None, pos:pos + count]
             out["current_pos"] = np.array([pos], dtype=np.int32)
-        if ring is not None:
-            out["ring_pos"] = np.array([ring.write(pos, count)], dtype=np.int32)
-            out["local_mask"] = ring.mask(pos, count)
+        if ring is not None:  # a Ring, or ANEMLL's shifted cache (runtime/rotation.py), which takes no inputs
+            out.update(ring.step_inputs(pos, count))
         return out

@@ -5,7 +5,8 @@ It owns the tokenizer and chat template, prefill (full batches through
 is ever padded into the cache; in models with sliding-window layers, whose
 K/V live in ring caches, batches start at multiples of the batch size and the
 tokens before go through ``infer``: runtime/attention.py has the inputs each
-step takes), decoding, sampling, stopping, incremental
+step takes; in ANEMLL's Gemma 3, whose local caches shift, the function for
+each position is runtime/rotation.py's choice), decoding, sampling, stopping, incremental
 detokenization, reuse of a session's cached prefix (a KV state plus the
 tokens it holds, so a follow-up turn prefills only what is new; which state a
 request gets is the prefix cache's choice), the context window, cancellation,
@@ -35,6 +36,7 @@ from anemlld.runtime import executors
 from anemlld.runtime.attention import Steps
 from anemlld.runtime.executors import INFER, PREFILL
 from anemlld.runtime.prefix_cache import Session, reusable
+from anemlld.runtime.rotation import Rotation
 from anemlld.runtime.sampling import Sampler, SamplingParams
 from shared.errors import AnemllError, BadInput
 
@@ -221,7 +223,8 @@ def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
     """Bytes of one KV state, from the shape every converted model shares,
     ``(2 * layers, kv_heads, state_length, head_dim)`` in fp16, where the
     layers meta.yaml lists as ``local_layers`` keep ``ring_size`` slots
-    instead; None if the folder's config.json does not say."""
+    instead (in ANEMLL's Gemma 3, config.json's ``sliding_attention`` layers
+    keep ``sliding_window``); None if the folder's config.json does not say."""
     try:
         config = json.loads((folder / "config.json").read_text())
         config = config.get("text_config", config)
@@ -231,9 +234,13 @@ def kv_state_bytes(folder: Path, layout: Layout) -> int | None:
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         length = int(layout.params.get("state_length", layout.context_length))
         local = len(layout.params.get("local_layers") or []) if layout.ring_size else 0
+        local_slots = layout.ring_size or 0
+        if layout.rotation_window:
+            local = list(config.get("layer_types") or []).count("sliding_attention")
+            local_slots = layout.rotation_window
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
-    slots = (layers - local) * length + local * (layout.ring_size or 0)
+    slots = (layers - local) * length + local * local_slots
     return 2 * kv_heads * slots * head_dim * 2
 
 
@@ -255,6 +262,7 @@ class Engine:
         self.steps = Steps.of(self.layout)
         # A ring is written in whole batches from multiples of the batch size.
         self.align = self.batch if self.steps.ring else 1
+        self.rotation = Rotation.of(self.layout)  # ANEMLL's Gemma 3: which function runs each position
         self.load_ms = (time.perf_counter() - t) * 1000
 
     @property
@@ -262,7 +270,8 @@ class Engine:
         return str(self.layout.info.get("name", self.layout.root.name))
 
     def new_session(self) -> Session:
-        return Session(self.executor.make_state(), ring=self.steps.new_ring())
+        ring = self.steps.new_ring() if self.rotation is None else self.rotation.new_cache()
+        return Session(self.executor.make_state(), ring=ring)
 
     # --- prompts ----------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
@@ -302,7 +311,7 @@ class Engine:
         while i < len(ids) and pos % self.align:
             hidden = self._infer(session, ids[i], pos)
             pos, i = pos + 1, i + 1
-        while len(ids) - i >= b and pos + b <= self.ctx:
+        while self._prefills(pos, len(ids) - i):
             if cancel is not None and cancel.is_set():
                 return None
             part = ids[i:i + b]
@@ -315,9 +324,19 @@ class Engine:
             pos += 1
         return ex.argmax(hidden) if greedy else ex.logits(hidden)
 
+    def _prefills(self, pos: int, left: int) -> bool:
+        """Whether the next ``left`` tokens at ``pos`` start with a prefill
+        batch. ANEMLL's Gemma 3 prefills only below its window, and never
+        the last token: its prefill returns no row to take logits from."""
+        b = self.batch
+        if self.rotation is not None:
+            return left > b and self.rotation.prefills(pos, b)
+        return left >= b and pos + b <= self.ctx
+
     def _infer(self, session: Session, token: int, pos: int):
         h = self.executor.embed(np.asarray([[token]], dtype=np.int32))
-        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, INFER)
+        function = INFER if self.rotation is None else self.rotation.infer_function(pos)
+        hidden = self.executor.ffn(h, self.steps.step(pos, 1, session.ring), session.state, function)
         session.tokens.append(token)
         return hidden
 

@@ -28,6 +28,7 @@ from shared.settings import env_count
 log = logging.getLogger(__name__)
 
 INFER, PREFILL = "infer", "prefill"
+INFER_ROTATE = "infer_rotate"  # ANEMLL's Gemma 3 past its window (runtime/rotation.py)
 ARGMAX = "argmax"  # the LM head's second function, when it has one
 Progress = Callable[[str, float], None]  # (part file name, fraction of the parts loaded)
 
@@ -166,6 +167,9 @@ class PortableExecutor(Executor):
             self.chunks = models
         else:
             self.embeddings, self.chunks, self.head = models[0], models[1:-1], models[-1]
+        # a split-rotate folder's prefill functions are in files of their own
+        self.prefill_chunks = ([PortableModel(p, device) for p in layout.prefill_chunks(".mlpackage")]
+                               if layout.split_rotate else self.chunks)
         self._outputs = [f"logits{i + 1}" for i in range(self.split)]
         self._argmax_fn = ARGMAX if self.layout.head_argmax_function else None  # None: the default
         if warmup:
@@ -194,7 +198,7 @@ class PortableExecutor(Executor):
         if self.layout.monolithic:
             self.predictions += 1
             return self.chunks[0].predict_tensors(inputs, state, function)  # the head's outputs
-        for chunk in self.chunks:
+        for chunk in (self.prefill_chunks if function == PREFILL else self.chunks):
             inputs["hidden_states"] = chunk.predict_tensors(inputs, state, function)["output_hidden_states"]
         self.predictions += len(self.chunks)
         return inputs["hidden_states"]
@@ -248,9 +252,12 @@ class CoreMLExecutor(Executor):
             report(paths[0].name, 0.0)
             self.embeddings = self._load(paths[0])
             self.chunks = []
-            for i, p in enumerate(paths[1:-1], start=1):
+            # ANEMLL's Gemma 3 also runs infer_rotate past its window; a
+            # split-rotate folder keeps the prefill functions in other files
+            infers = (INFER, INFER_ROTATE) if layout.rotation_window else (INFER,)
+            for i, (p, pf) in enumerate(zip(paths[1:-1], layout.prefill_chunks()), start=1):
                 report(p.name, i / len(paths))
-                self.chunks.append({fn: self._load(p, fn) for fn in (INFER, PREFILL)})
+                self.chunks.append({**{fn: self._load(p, fn) for fn in infers}, PREFILL: self._load(pf, PREFILL)})
             report(paths[-1].name, (len(paths) - 1) / len(paths))
             self.head = self._load(paths[-1])
             self.head_argmax = self._load(paths[-1], ARGMAX) if layout.head_argmax_function else self.head
