@@ -261,10 +261,13 @@ def _prefer(p: Path, ext: str) -> Path:
 
 def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any],
                model_type: str = "chunked") -> None:
-    """ANEMLL 0.3.5's runner reads ``model_type`` from ``model_info`` (not
-    its ``parameters``); ours is written in both places."""
-    doc = {"model_info": {"name": name, "version": version, "architecture": architecture,
-                          "model_type": model_type, "parameters": {**params, "model_type": model_type}}}
+    """ANEMLL 0.3.5's runner and Swift CLI read ``model_type`` from
+    ``model_info`` (not its ``parameters``), where ANEMLL writes it for
+    monolithic models only; ours is in the parameters too."""
+    info = {"name": name, "version": version, "architecture": architecture}
+    if model_type != "chunked":
+        info["model_type"] = model_type
+    doc = {"model_info": {**info, "parameters": {**params, "model_type": model_type}}}
     (root / META_FILE).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 

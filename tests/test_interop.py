@@ -89,7 +89,8 @@ def test_the_ffn_named_with_its_chunk_suffix_as_anemll_0_3_5_writes_it_resolves_
 
 @pytest.mark.parametrize("info, changes, needle", [
     ({"model_type": "monolithic"}, {"model_type": None}, "lacks model_info.parameters.monolithic_model"),
-    ({}, {"model_type": "monolithic"}, "model_type 'chunked' in model_info and 'monolithic' in its parameters"),
+    ({"model_type": "chunked"}, {"model_type": "monolithic"},
+     "model_type 'chunked' in model_info and 'monolithic' in its parameters"),
     ({}, {"argmax_in_model": True, "lm_head_chunk_sizes": "many"}, "lm_head_chunk_sizes"),
     ({"model_type": "hybrid"}, {"model_type": None}, "model_type 'hybrid'"),
     ({}, {"num_chunks": "two"}, "num_chunks = 'two' is not a whole number"),
@@ -225,3 +226,12 @@ def test_split_sizes_that_do_not_match_the_head_are_taken_from_the_vocabulary_as
     other = rewrite(ours, tmp_path / "v035", argmax_in_model=True, lm_head_chunk_sizes=[4096])
     lay = layout.read_meta(other)
     assert lay.split_lm_head == 8 and lay.lm_head_chunk_sizes == [512] * 8  # 4096 = vocab_size, in 8 splits
+
+
+def test_model_type_is_where_anemlls_runner_and_swift_cli_read_it(ours, tiny_monolithic):
+    """In model_info, for monolithic models only, as ANEMLL 0.3.5 writes it;
+    ours keeps it among the parameters too."""
+    mono = yaml.safe_load((tiny_monolithic / "meta.yaml").read_text())["model_info"]
+    chunked = yaml.safe_load((ours / "meta.yaml").read_text())["model_info"]
+    assert mono["model_type"] == mono["parameters"]["model_type"] == "monolithic"
+    assert "model_type" not in chunked and chunked["parameters"]["model_type"] == "chunked"
