@@ -93,7 +93,8 @@ class Layout:
 
     @property
     def split_lm_head(self) -> int:
-        return int(self.params.get("split_lm_head", 8))
+        """Outputs of the LM head (``logits1..K``); older folders name it ``num_logits``."""
+        return int(self.params.get("split_lm_head", self.params.get("num_logits", 8)))
 
     @property
     def argmax_only(self) -> bool:
@@ -129,12 +130,16 @@ class Layout:
         """Vocabulary entries per LM-head split, in order: maps a split's own
         argmax to a token id."""
         sizes = self.params.get("lm_head_chunk_sizes")
-        if sizes is None:
-            vocab, parts = int(self.params["vocab_size"]), self.split_lm_head
-            return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
         if isinstance(sizes, str):
             sizes = [s for s in sizes.strip("[] ").split(",") if s.strip()]
-        return [int(s) for s in sizes]
+        parts = self.split_lm_head
+        if sizes is not None:
+            sizes = [int(s) for s in sizes]  # ValueError for what is not a list of whole numbers
+        if sizes is not None and (len(sizes) == parts or "vocab_size" not in self.params):
+            return sizes
+        # none, or not one per split: from the vocabulary, as ANEMLL's runner does then
+        vocab = int(self.params["vocab_size"])
+        return [vocab // parts + (1 if i < vocab % parts else 0) for i in range(parts)]
 
     @property
     def sliding_window(self) -> int | None:
@@ -248,8 +253,12 @@ def _check_rotation_layout(path: Path, params: dict[str, Any]) -> None:
                        f"convert it with ANEMLL without a separate attention size, {convert}", stage="load")
 
 
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+FLAGS = ("argmax_in_model", "update_mask_prefill", "prefill_dynamic_slice", "split_rotate", "single_cache")
+
+
 def _true(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+    return value is True or str(value).strip().lower() in TRUE
 
 
 def _prefer(p: Path, ext: str) -> Path:
@@ -257,9 +266,15 @@ def _prefer(p: Path, ext: str) -> Path:
     return alt if alt.exists() else p
 
 
-def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any]) -> None:
-    doc = {"model_info": {"name": name, "version": version, "architecture": architecture,
-                          "parameters": params}}
+def write_meta(root: Path, name: str, version: str, architecture: str, params: dict[str, Any],
+               model_type: str = "chunked") -> None:
+    """ANEMLL 0.3.5's runner and Swift CLI read ``model_type`` from
+    ``model_info`` (not its ``parameters``), where ANEMLL writes it for
+    monolithic models only; ours is in the parameters too."""
+    info = {"name": name, "version": version, "architecture": architecture}
+    if model_type != "chunked":
+        info["model_type"] = model_type
+    doc = {"model_info": {**info, "parameters": {**params, "model_type": model_type}}}
     (root / META_FILE).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
@@ -275,7 +290,14 @@ def read_meta(root: str | Path) -> Layout:
         params = dict(info.pop("parameters"))
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path} cannot be read: {e}", "convert the model again", stage="load") from None
-    kind = str(params.get("model_type", "chunked"))
+    # ANEMLL 0.3.5 writes model_type beside the parameters (model_info.model_type),
+    # and only for monolithic models; ours carry it in both places.
+    kinds = {str(v) for v in (info.get("model_type"), params.get("model_type")) if v is not None}
+    if len(kinds) > 1:
+        raise BadInput(f"{path} says model_type {info['model_type']!r} in model_info and "
+                       f"{params['model_type']!r} in its parameters", "fix meta.yaml or convert the model again",
+                       stage="load")
+    kind = kinds.pop() if kinds else "chunked"
     if kind not in ("chunked", "monolithic"):
         raise BadInput(f"{path}: model_type {kind!r} is not a layout anemlld knows (chunked, monolithic)",
                        "convert the model again with anemlld", stage="load")
@@ -288,10 +310,19 @@ def read_meta(root: str | Path) -> Layout:
     missing = [k for k in needed if k not in params]
     if missing:
         raise BadInput(f"{path} lacks model_info.parameters.{missing[0]}", "convert the model again", stage="load")
-    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "sliding_window", "ring_size"):
+    for key in FLAGS:
+        value = params.get(key)
+        if value is not None and not isinstance(value, bool) and str(value).strip().lower() not in TRUE + FALSE:
+            raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is neither true nor false",
+                           "fix meta.yaml or convert the model again", stage="load")
+    for key in ("context_length", "num_chunks", "batch_size", "split_lm_head", "num_logits", "sliding_window",
+                "ring_size"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not str(value).strip().isdigit()):
             raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} is not a whole number",
+                           "fix meta.yaml or convert the model again", stage="load")
+        if value is not None and key not in ("sliding_window", "ring_size") and int(value) < 1:
+            raise BadInput(f"{path}: model_info.parameters.{key} = {value!r} must be at least 1",
                            "fix meta.yaml or convert the model again", stage="load")
     window, ring = int(params.get("sliding_window") or 0), int(params.get("ring_size") or 0)
     if ring and not window:
@@ -304,12 +335,14 @@ def read_meta(root: str | Path) -> Layout:
         _check_rotation_layout(path, params)
     sizes = params.get("lm_head_chunk_sizes")
     try:
-        if sizes is None and _true(params.get("argmax_in_model")):
-            int(params["vocab_size"])
-        elif sizes is not None:
-            Layout(root, params, info).lm_head_chunk_sizes
+        lay = Layout(root, params, info)
+        argmax = lay.argmax_only or lay.head_argmax_function  # the splits' winners are mapped with the sizes
+        if sizes is not None or argmax:
+            found = lay.lm_head_chunk_sizes
+            if argmax and len(found) != lay.split_lm_head:
+                raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a list of whole numbers) or "
+        raise BadInput(f"{path}: an argmax LM head needs lm_head_chunk_sizes (a whole number per split) or "
                        f"vocab_size to map its answers to tokens; it has lm_head_chunk_sizes = {sizes!r}",
                        "fix meta.yaml or convert the model again", stage="load") from None
-    return Layout(root, params, info)
+    return lay

@@ -83,7 +83,10 @@ def anemll_monolithic_folder(ours: Path, dest: Path) -> Path:
     shutil.copytree(ours, dest)
     (dest / layout.MANIFEST_FILE).unlink()
     edit_meta(dest, monolithic_model="llama_monolithic_full.mlmodelc", lut_group_size=None, vocab_size=None,
-              lm_head_chunk_sizes=None, lut_embeddings=None, lut_ffn=None, lut_lmhead=None)
+              lm_head_chunk_sizes=None, lut_embeddings=None, lut_ffn=None, lut_lmhead=None, model_type=None)
+    doc = yaml.safe_load((dest / layout.META_FILE).read_text())  # ANEMLL puts model_type beside the parameters
+    doc["model_info"]["model_type"] = "monolithic"
+    (dest / layout.META_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
 
 

@@ -3,6 +3,7 @@
 progress report, the journal and the ``jobs`` records)."""
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -79,6 +80,62 @@ def test_a_part_over_the_size_limit_is_refused_at_planning_with_the_lut_that_fit
     assert "lut_embeddings = 8" in e.value.hint and "--lut-embeddings 8" in e.value.hint and e.value.stage == "inspect"
     fits = pipeline.plan(wide_llama, ConvertOptions.from_mapping({**OPTIONS, "max_chunk_mb": 1, "lut_embeddings": 8}))
     fits.source.close()
+
+
+@pytest.fixture(scope="module")
+def big_embeddings(tmp_path_factory) -> Path:
+    """A Llama of 262144 x 256 embeddings (67 M weights) whose safetensors is
+    a sparse file: planning reads only its header, so it takes no disk or time."""
+    import json
+    import struct
+
+    import torch
+    import transformers
+
+    dest = tmp_path_factory.mktemp("hf") / "big-embeddings"
+    dest.mkdir()
+    cfg = transformers.LlamaConfig(vocab_size=262144, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg.save_pretrained(dest)
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in transformers.AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    path = dest / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    os.truncate(path, 8 + len(blob) + offset)
+    return dest
+
+
+def test_a_per_tensor_lut_whose_kmeans_the_machine_lacks_is_refused_at_planning_naming_the_group_size_that_fits(
+        big_embeddings, tmp_path, monkeypatch):
+    from anemlld.convert import memory
+
+    options = {**OPTIONS, "lut_ffn": "none", "lut_lm_head": "none"}
+    none, grouped, per_tensor = (pipeline.plan(big_embeddings, ConvertOptions.from_mapping(
+        {**options, "lut_embeddings": lut})) for lut in ("none", 6, "6,0"))
+    for p in (none, grouped, per_tensor):
+        p.source.close()
+    found = memory.per_tensor_kmeans(per_tensor)
+    assert (found.option, found.weights) == ("lut_embeddings", 262144 * 256) and memory.per_tensor_kmeans(grouped) is None
+    # one table over 67 M weights at once, 28 bytes each; groups work in slabs of 16 M values and keep 6 per weight
+    need, fits = estimate.estimate(per_tensor).peak_bytes, estimate.estimate(grouped).peak_bytes
+    assert need > fits > estimate.estimate(none).peak_bytes
+    monkeypatch.setattr(memory, "total", lambda: need - 1)  # a machine with more than the grouped peak, less than this
+    pipeline.plan(big_embeddings, ConvertOptions.from_mapping({**options, "lut_embeddings": 6})).source.close()
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=r'lut_embeddings = "6,0" clusters one table over 67 M weights at once') as e:
+        pipeline.convert(big_embeddings, out, ConvertOptions.from_mapping({**options, "lut_embeddings": "6,0"}))
+    assert '"6,16", or plain 6' in e.value.hint and e.value.stage == "inspect"
+    assert not out.exists() and not list(tmp_path.iterdir())  # refused before any work
+    monkeypatch.setattr(memory, "total", lambda: fits - 1)  # too little even for groups: no group size offered
+    with pytest.raises(BadInput) as e:
+        pipeline.plan(big_embeddings, ConvertOptions.from_mapping({**options, "lut_embeddings": "6,0"}))
+    assert "group size" not in e.value.hint and "more memory" in e.value.hint
 
 
 def test_cli_estimate_prints_the_plan_and_writes_nothing(wide_llama, tmp_path, capsys):

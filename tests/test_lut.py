@@ -88,7 +88,7 @@ def test_sort_rows_orders_fp16_bit_patterns_like_the_values():
 
 def test_runs_count_distinct_values_with_their_multiplicity():
     xs = torch.tensor([[1.0, 1.0, 1.0, 2.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
-    runs = lut.Runs(xs)
+    runs = lut.Runs.of_sorted(xs)
     assert runs.n == 6 and torch.equal(runs.xs[0, :3], torch.tensor([1.0, 2.0, 5.0]))
     a, b = torch.tensor([[0], [0]]), torch.tensor([[2], [2]])
     assert runs.count(a, b).tolist() == [[4.0], [2.0]]
@@ -142,3 +142,102 @@ def test_groups_with_fewer_distinct_values_than_the_table_are_kept_exactly(bits)
     else:
         assert torch.equal(q.dense.float()[:3], w[:3])
     assert torch.equal(q.lut.gather(1, q.indices.long()), q.dense)
+
+
+def bf16_groups(groups: int, values: int, seed: int) -> torch.Tensor:
+    """Random groups as a bf16 checkpoint holds them (fp32 copies of bf16
+    values), large enough for the counted path (~2,500 distinct values each)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(groups, values, generator=gen) * 0.02).to(torch.bfloat16).float()
+
+
+def counted_cases() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    fp16 = torch.randn(6, 8192, generator=gen) * 0.02
+    folded = bf16_groups(6, 8192, 6) * (torch.rand(8192, generator=gen) + 0.5)  # a norm folded in: not bf16
+    few = torch.tensor([-0.5, 0.25, 0.125, 1.0])[torch.randint(0, 4, (6, 8192), generator=gen)]
+    few[1] = 0.375  # a group of one value
+    few[2, ::2] = -0.0  # signed zeros, which compare equal: one value
+    few[3, :100] = 0.0
+    few[3, 100:200] = -0.0
+    few[4] = -0.0  # only -0
+    zeros = bf16_groups(4, 8192, 10)  # sparse: many zeros of both signs, whose count moves the centroids
+    zeros[:, :3000] = 0.0
+    zeros[:3, 1000:3000] = -0.0
+    zeros[3, :3000] = -0.0
+    return {"bf16": bf16_groups(6, 8192, 4), "fp16": fp16, "folded bf16": folded, "few values": few,
+            "signed zeros": zeros}
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("case", ["bf16", "fp16", "folded bf16", "few values", "signed zeros"])
+def test_counting_patterns_gives_the_sorts_tables_and_indices(case, bits):
+    groups = counted_cases()[case]
+    counted = lut.quantize_counted(groups, 1 << bits)
+    assert counted is not None, "these groups span few enough fp16 patterns for the histogram"
+    expect = lut.quantize_sorted(groups, 1 << bits)
+    for got, want in zip(counted, expect):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.int8) if got.dtype == torch.uint8 else got.view(torch.int16),
+                           want.view(torch.int8) if want.dtype == torch.uint8 else want.view(torch.int16))
+
+
+def test_a_group_of_one_value_gets_a_table_of_that_value():
+    groups = torch.full((2, 500), 0.0312)
+    groups[1] = -2.5
+    counted = lut.quantize_counted(groups, 16)
+    assert counted is not None
+    table, indices = counted
+    assert torch.equal(table.float(), groups.half().float()[:, :1].expand(2, 16))
+    assert torch.equal(table.gather(1, indices.long()).float(), groups.half().float())
+    assert all(torch.equal(a, b) for a, b in zip(counted, lut.quantize_sorted(groups, 16)))
+
+
+def test_counting_leaves_inf_nan_and_widely_spread_small_groups_to_the_sort():
+    groups = bf16_groups(4, 8192, 7)
+    groups[1, 3] = float("inf")
+    assert lut.quantize_counted(groups, 16) is None
+    groups[1, 3] = float("nan")
+    assert lut.quantize_counted(groups, 16) is None
+    spread = torch.randn(16, 256) * 0.02  # 256 values spread over ~24,000 patterns
+    assert lut.quantize_counted(spread, 16) is None
+    assert lut.quantize_slab(spread, 16)[1].shape == spread.shape  # sorted instead
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_a_group_quantizes_the_same_in_any_slab(bits):
+    """Slab sizes follow the worker count and the weight's size: each group's
+    result must depend on its own values only (padding and the rounds its
+    neighbours need included)."""
+    for groups in (bf16_groups(12, 8192, 8), demo_weight("model.layers.0.mlp.gate_proj.weight").float().reshape(64, -1)):
+        whole = lut.quantize_slab(groups, 1 << bits)
+        cut = [lut.quantize_slab(groups[a:b], 1 << bits) for a, b in ((0, 1), (1, 4), (4, 5), (5, groups.shape[0]))]
+        for got, want in zip((torch.cat(parts) for parts in zip(*cut)), whole):
+            assert torch.equal(got, want)
+
+
+def test_dense_is_the_table_looked_up_by_the_indices():
+    w = bf16_groups(64, 2048, 9)  # 8 groups of 8 rows, counted
+    q = lut.quantize_weight(w, 4, 8)
+    assert q.dense.dtype == torch.float16 and q.dense.shape == w.shape
+    assert torch.equal(q.dense.reshape(8, -1), q.lut.gather(1, q.indices.reshape(8, -1).long()))
+
+
+@pytest.mark.parametrize("chunk", [1000, 20_000])
+def test_counting_in_pieces_of_rows_or_of_one_long_row_gives_the_same(chunk, monkeypatch):
+    """Pieces of several rows (groups of 8 K values) and pieces of one row
+    (one table per tensor: a row longer than a piece)."""
+    groups = bf16_groups(5, 8192, 11)
+    whole = lut.quantize_counted(groups, 16), lut.quantize_counted(groups.reshape(1, -1), 16)
+    monkeypatch.setattr(lut, "CHUNK_VALUES", chunk)
+    assert len(lut.chunks_of(*groups.shape)) > 1
+    pieces = lut.quantize_counted(groups, 16), lut.quantize_counted(groups.reshape(1, -1), 16)
+    for got, want in zip(pieces, whole):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_shifted_columns_are_the_clamped_index():
+    t = torch.randn(3, 6)
+    for by in range(-8, 9):
+        for width in (1, 5, 6, 9):
+            assert torch.equal(lut.shifted(t, by, width), t[:, (torch.arange(width) + by).clamp(0, 5)])

@@ -111,6 +111,30 @@ def check_part_sizes(plan: "Plan") -> None:
                        stage="inspect")
 
 
+def check_memory(plan: "Plan") -> None:
+    """A conversion whose peak exceeds the machine's memory would only ever
+    wait for memory (the daemon) or meet the out-of-memory killer: refused
+    here, before any work. The usual cause is a LUT of one table per tensor
+    ("6,0") on a large weight, whose k-means cannot work in slabs."""
+    need, have = memory.peak_estimate(plan), memory.total()
+    if need <= have:
+        return
+    tensor = memory.per_tensor_kmeans(plan)
+    what = f"converting {plan.source.path.name} needs about {memory.gb(need)} at its peak, more than this " \
+           f"machine's {memory.gb(have)}"
+    if tensor and tensor.peak >= need:
+        option, weights = tensor.option, tensor.weights
+        bits = getattr(plan.options, option)
+        fix = (f"give {option} a group size (\"{bits},16\", or plain {bits}: a table per 16 output channels, "
+               f"which k-means in bounded slabs: about {memory.gb(tensor.grouped())}), or "
+               if tensor.grouped() <= have else "")
+        raise BadInput(f"{what}: {option} = \"{bits},0\" clusters one table over {weights / 1e6:.0f} M weights "
+                       f"at once (about {memory.BYTES_PER_TENSOR_KMEANS_WEIGHT} bytes each)",
+                       f"{fix}convert on a machine with more memory", stage="inspect")
+    raise BadInput(what, "convert on a machine with more memory, or use smaller chunks (a lower max_chunk_mb)",
+                   stage="inspect")
+
+
 def disk_bytes(plan: "Plan") -> int:
     """The output, and two copies of its largest part while that is saved
     (coremltools' temporary package, and ours written beside its final name,

@@ -157,11 +157,13 @@ def plan(src_dir: str | Path, options: ConvertOptions) -> Plan:
                            "2 GB on macOS)", "convert it chunked (leave out monolithic), use smaller LUTs, or "
                            "raise max_chunk_mb", stage="inspect")
         p.parts = [layout.monolithic_name(prefix, o.lut_ffn)]
+        estimate.check_memory(p)
         return p
     p.parts = ([layout.embeddings_name(prefix, o.lut_embeddings)]
                + [layout.chunk_name(prefix, o.lut_ffn, i, n) for i in range(n)]
                + [layout.lm_head_name(prefix, o.lut_lm_head)])
     estimate.check_part_sizes(p)
+    estimate.check_memory(p)
     return p
 
 
@@ -472,7 +474,6 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         # prefill writes the cache with a dynamic slice at current_pos and takes
         # no update_mask. No tokenizer_path: that runner resolves it against
         # its own working directory; without it, it reads the model's folder.
-        "model_type": "chunked",
         "num_logits": p.lm_head_split,
         # Our argmax is a second function of the head; the default function
         # still returns logits, as runners that read this key as false expect.
@@ -486,7 +487,7 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
     if o.monolithic:  # one file instead of the three kinds of parts, as ANEMLL 0.3.5 writes it
         for key in ("embeddings", "lm_head", "ffn", "num_chunks", "lm_head_functions"):
             params.pop(key, None)
-        params.update(model_type="monolithic", monolithic_model=p.parts[0] + ext, lut_bits=o.lut_ffn or "none")
+        params.update(monolithic_model=p.parts[0] + ext, lut_bits=o.lut_ffn or "none")
         if o.argmax_in_model:  # beside infer and prefill, which return logits as ANEMLL's runner reads them
             params["monolithic_functions"] = f"{export.INFER},{export.PREFILL},{export.ARGMAX}"
     if p.ring is not None:  # the sliding-window layers: the engine's local_mask and ring_pos
@@ -498,7 +499,7 @@ def _finish(p: Plan, work: Path, compiled: bool, note: str, seconds: dict[str, f
         if getattr(o, option):  # output channels per table, 0 for one per tensor, as ANEMLL writes it
             params[f"lut_{part}_per_channel"] = o.group_size(option)
     layout.write_meta(work, f"anemll-{p.source.path.name}-ctx{o.context_length}", __version__, p.architecture,
-                      params)
+                      params, "monolithic" if o.monolithic else "chunked")
     for f in p.source.tokenizer_files():
         shutil.copy2(f, work / f.name)
     manifest = {
