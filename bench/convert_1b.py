@@ -30,7 +30,8 @@ What it does:
    context 512, batch 64. The child logs every progress event with a
    timestamp; the parent samples the child's resident memory (VmRSS of it and
    its descendants, from /proc) every --sample-seconds, reads the kernel's
-   high-water mark (VmHWM) and, after exit, getrusage(RUSAGE_CHILDREN).ru_maxrss.
+   high-water mark (VmHWM; the child reads its own at the end: the peak the targets use) and,
+   after exit, getrusage(RUSAGE_CHILDREN).ru_maxrss (which includes the parent's RSS at fork).
    Above --rss-limit-gb the child is killed and the report says where.
 4. Prints: the event timeline with the peak RSS inside each step, seconds per
    stage (Result.stage_seconds and the manifest), total, peak RSS, size of
@@ -361,7 +362,8 @@ def _convert_logged(src: str, out: str, options_json: str, log) -> int:
         raise
     ru = res.getrusage(res.RUSAGE_SELF)
     emit("result", seconds=r.seconds, stage_seconds=r.stage_seconds, reused=r.reused, compiled=r.compiled,
-         note=r.compile_note, utime=ru.ru_utime, stime=ru.ru_stime, maxrss_kb=ru.ru_maxrss)
+         note=r.compile_note, utime=ru.ru_utime, stime=ru.ru_stime, maxrss_kb=ru.ru_maxrss,
+         hwm_kb=_status_kb(os.getpid(), "VmHWM"))
     return 0
 
 
@@ -501,7 +503,11 @@ def report(run: dict, events: list[dict], out: Path, base: dict | None, t_model:
     peak_sampled = max((s[1] for s in samples), default=0) / 1024 / 1024
     print(f"  peak RSS sampled every {run['interval']:.1f} s (child + descendants): {peak_sampled:.2f} GB")
     print(f"  VmHWM of the child (kernel high-water mark, last read): {run['hwm_kb'] / 1024 / 1024:.2f} GB")
-    print(f"  getrusage(RUSAGE_CHILDREN).ru_maxrss after exit: {run['ru_maxrss_kb'] / 1024 / 1024:.2f} GB")
+    if result and result.get("hwm_kb"):
+        print(f"  VmHWM of the child read by itself at the end: {result['hwm_kb'] / 1024 / 1024:.2f} GB "
+              "(the conversion's peak)")
+    print(f"  getrusage(RUSAGE_CHILDREN).ru_maxrss after exit: {run['ru_maxrss_kb'] / 1024 / 1024:.2f} GB (Linux "
+          "carries the parent's RSS at fork into the child's ru_maxrss across exec: an upper bound, not the peak)")
     if samples:
         top = max(samples, key=lambda s: s[1])
         where = [s for s in steps if s[2] <= top[0] <= s[3]]
@@ -594,7 +600,9 @@ def report(run: dict, events: list[dict], out: Path, base: dict | None, t_model:
               f"({total / limit_s:.2f} of the budget)")
     else:
         print(f"  end to end <= {limit_s} s: no result (conversion did not finish)")
-    peak = max(run["ru_maxrss_kb"] / 1024 / 1024, peak_sampled)
+    # the child's own high-water mark; without it (a failed run), the upper bound
+    hwm = (result or {}).get("hwm_kb")
+    peak = max(hwm / 1024 / 1024 if hwm else run["ru_maxrss_kb"] / 1024 / 1024, peak_sampled)
     print(f"  peak RSS <= {limit_gb} GB: {peak:.2f} GB -> {'MET' if peak <= limit_gb else 'NOT MET'} "
           f"({peak / limit_gb:.2f} of the budget)")
     if run.get("disk_peak_gb") is not None:
