@@ -5,16 +5,14 @@ rates; and, while it runs, the time left from the rate measured so far.
 Every part is exported directly (convert/program.py): its functions traced
 and converted without weights, then each weight read, quantized and
 stored once for all of them. The rates were measured with
-bench/convert_1b.py on the development machine (Linux x86-64, 2 cores; the
-last row of README's 1B history table, under a load average of 3.6 on the
-2 cores, so these are on the slow side): export 28.9 s for the two 8-layer
-chunks (973 M weights), 9.8 s for the embeddings and the LM head (525 M),
-load 4.3 s for 1,499 M (the fp16 embeddings' read included); k-means from
-the quiet run before (44.4 s for 1,236 M: under that load it took 115 s,
-the quantizer's two threads sharing the cores); less, in each stage, a
-fixed cost per exported function and per quantized part (measured on the
-trained pico model, 4 M weights), which is what a tiny model's conversion
-mostly is. Another
+bench/convert_1b.py on the development machine (Linux x86-64, 2 cores,
+load average about 1; README's 1B and 8B tables, 2026-12-01 18:18-18:20),
+pooled over the Llama-3.2-1B shape (46.7 s) and the Llama-3.1-8B shape
+(175 s): k-means 116.9 s for 8,740 M weights, load 8.1 s for 9,529 M,
+export of the chunks 53.2 s for 7,952 M and of the embeddings and heads
+11.8 s for 1,575 M, each less a fixed cost per exported function and per
+quantized part (measured on the trained pico model, 4 M weights), which
+is what a tiny model's conversion mostly is. Another
 machine scales them; ``ANEMLL_CONVERT_SPEED`` (a factor, 2 = twice as fast)
 corrects the estimate for one that is known to be faster or slower.
 """
@@ -33,10 +31,12 @@ if TYPE_CHECKING:
 
 MB = 1024 * 1024
 FIXED_SECONDS = {"export": 1.5, "quantize": 0.7, "load": 0.0}  # per exported function, per quantized part
-SECONDS_PER_MILLION = {"quantize": 44.4 / 1236, "load": 4.3 / 1499}
+SECONDS_PER_MILLION = {"quantize": (20.0 - 3 * 0.7 + 102.5 - 5 * 0.7) / (1236 + 7504),
+                       "load": (2.1 + 6.0) / (1499 + 8030)}
 # Export, per million weights of the part (all its functions at once): the
 # decoder layers' and the embeddings' or LM head's.
-EXPORT_PER_MILLION = {"layers": (28.9 - 4 * 1.5) / 973, "ends": (9.8 - 2 * 1.5) / 525}
+EXPORT_PER_MILLION = {"layers": (16.6 - 4 * 1.5 + 54.6 - 8 * 1.5) / (973 + 6979),
+                      "ends": (6.9 - 2 * 1.5 + 10.9 - 2 * 1.5) / (525 + 1050)}
 SPEED_ENV = "ANEMLL_CONVERT_SPEED"
 # The progress bar's weights per unit of work, relative to exporting a layer weight.
 QUANTIZE_WEIGHT = SECONDS_PER_MILLION["quantize"] / EXPORT_PER_MILLION["layers"]

@@ -52,11 +52,10 @@ class Kmeans:
     weights: int    # of the largest tensor that option quantizes
     per_tensor: bool
     peak: int       # bytes resident while it is clustered
-    held: int       # weights of its part held meanwhile (fp16)
 
     def grouped(self) -> int:
         """The peak of the same k-means with a table per group of channels."""
-        return BASE_BYTES + _kmeans_work(self.weights, False) + 2 * self.held
+        return _kmeans_peak(self.weights, False)
 
 
 def kmeans_peaks(plan: "Plan") -> list[Kmeans]:
@@ -64,20 +63,22 @@ def kmeans_peaks(plan: "Plan") -> list[Kmeans]:
     args, o = plan.args, plan.options
     ends = args.vocab_size * args.hidden_size
     layer = max(args.intermediate_size, args.num_attention_heads * args.head_dim) * args.hidden_size
-    chunk = max(len(r) for r in plan.chunk_ranges) * args.layer_params
-    whole = 2 * ends + args.num_hidden_layers * args.layer_params
-    # each option's largest tensor, and what else of its part is held (fp16) while it is clustered
-    weights = {"lut_embeddings": (ends, whole if o.monolithic else ends),
-               "lut_ffn": (layer, whole if o.monolithic else chunk),  # a direct chunk holds less: an upper bound
-               "lut_lm_head": (-(-args.vocab_size // plan.lm_head_split) * args.hidden_size,  # the largest split
-                               whole if o.monolithic else ends)}  # the head's splits are tensors of their own
+    # each option's largest tensor: the direct route holds nothing else of its part while it is clustered
+    # (the weights done wait on disk, convert/spill.py), so a part's size does not count here
+    weights = {"lut_embeddings": ends, "lut_ffn": layer,
+               "lut_lm_head": -(-args.vocab_size // plan.lm_head_split) * args.hidden_size}  # the largest split
     found = []
-    for option, (w, held) in weights.items():
+    for option, w in weights.items():
         if not getattr(o, option):
             continue
         tensor = o.group_size(option) == 0
-        found.append(Kmeans(option, w, tensor, BASE_BYTES + _kmeans_work(w, tensor) + 2 * held, held))
+        found.append(Kmeans(option, w, tensor, _kmeans_peak(w, tensor)))
     return found
+
+
+def _kmeans_peak(weights: int, per_tensor: bool) -> int:
+    """The process's base, the k-means' work and the tensor itself in fp16."""
+    return BASE_BYTES + _kmeans_work(weights, per_tensor) + 2 * weights
 
 
 def _kmeans_work(weights: int, per_tensor: bool) -> int:
