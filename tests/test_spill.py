@@ -105,3 +105,28 @@ def test_a_key_is_spilled_once_and_a_truncated_file_is_an_error(arrays, tmp_path
         spill._file.truncate(10)
         with pytest.raises(OSError, match="truncated"):
             spill.get("w_indices")
+
+
+def test_a_weight_quantized_in_blocks_of_rows_is_the_weight_quantized_whole(tmp_path, monkeypatch):
+    import torch
+
+    from anemlld.convert import program
+
+    weight = (torch.randn(96, 40) * 0.02).to(torch.bfloat16).to(torch.float16)
+    whole = lut.quantize_weight(weight, 4, 16)
+    monkeypatch.setattr(program, "BLOCK_VALUES", 40 * 20)  # blocks of 16 rows: whole groups
+    tables = []
+    with Spill(tmp_path) as spill:
+        spill.put_pieces("w", weight.shape, np.dtype(lut.index_dtype(4)),
+                         program._quantized_blocks(weight, 4, 16, tables))
+        assert len(tables) == 6
+        assert np.array_equal(spill.get("w"), whole.indices.numpy())
+    assert torch.equal(torch.cat(tables), whole.lut)
+
+
+def test_pieces_that_do_not_make_the_array_are_an_error(tmp_path):
+    with Spill(tmp_path) as spill:
+        with pytest.raises(ValueError, match="pieces of 2 rows for an array of 3"):
+            spill.put_pieces("w", (3, 4), np.dtype(np.uint8), [np.zeros((2, 4), np.uint8)])
+        with pytest.raises(ValueError, match="a piece of"):
+            spill.put_pieces("v", (3, 4), np.dtype(np.uint8), [np.zeros((3, 5), np.uint8)])

@@ -123,6 +123,24 @@ def share_constants(prog) -> None:
 
 
 ROWS = 8192  # rows of a weight folded in fp32 at a time
+# values of a weight quantized at a time (whole groups of rows); each group's
+# result is the same in any block (lut.quantize_weight), so the blocks bound
+# the quantizer's outputs held at once, not the tables
+BLOCK_VALUES = 32 * 1024 * 1024
+
+
+def _quantized_blocks(weight: torch.Tensor, bits: int, group_size: int, tables: list):
+    """The LUT indices of ``weight`` a block of whole groups of rows at a
+    time (all of it for one table per tensor, ``group_size`` 0: one group), in the
+    dtype the program stores; each block's table is appended to ``tables``."""
+    rows = weight.shape[0]
+    g = lut.group_size_for(rows, group_size)  # all rows for 0
+    step = max(g, BLOCK_VALUES // weight[0].numel() // g * g)
+    for start in range(0, rows, step):
+        q = lut.quantize_weight(weight[start:start + step], bits, g)
+        tables.append(q.lut)
+        yield q.indices.numpy().astype(lut.index_dtype(bits))
+        del q
 
 
 class DirectPart:
@@ -176,14 +194,14 @@ class DirectPart:
                 self.weights[name] = Weight(shape, dense=self.spill.put(key, weight.numpy()))
             else:
                 bits, group_size = lut_of
-                # fp16 in: the quantizer clusters the values Core ML stores
-                q = lut.quantize_weight(weight, bits, group_size)
+                tables: list[torch.Tensor] = []
+                # fp16 in: the quantizer clusters the values Core ML stores; in the dtype the program
+                # stores, once for every function, spilled a block of rows at a time
+                indices = self.spill.put_pieces(f"{key}_indices", shape, np.dtype(lut.index_dtype(bits)),
+                                                _quantized_blocks(weight, bits, group_size, tables))
                 g = lut.group_size_for(shape[0], group_size)
-                table = q.lut.numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
-                # in the dtype the program stores, once for every function
-                indices = q.indices.numpy().astype(lut.index_dtype(bits))
-                self.weights[name] = Weight(shape, table=table, indices=self.spill.put(f"{key}_indices", indices))
-                del q
+                table = torch.cat(tables).numpy().reshape((shape[0] // g,) + (1,) * (len(shape) - 1) + (1 << bits, 1))
+                self.weights[name] = Weight(shape, table=table, indices=indices)
             del weight
             if self.release is not None:
                 self.release()

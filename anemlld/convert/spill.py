@@ -48,6 +48,24 @@ class Spill:
         value.tofile(self._file)
         return np.broadcast_to(np.zeros((), dtype=value.dtype), value.shape)
 
+    def put_pieces(self, key: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> np.ndarray:
+        """Write the array of ``shape`` made of ``pieces`` (consecutive along
+        axis 0, each made only when the one before is written) under
+        ``key``; returns its placeholder, as ``put``."""
+        if key in self._where:
+            raise KeyError(f"{key} is already spilled")
+        self._file.seek(0, os.SEEK_END)
+        start, count = self._file.tell(), 0
+        for piece in pieces:
+            if piece.dtype != dtype or piece.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f"{key}: a piece of {piece.dtype} {piece.shape} in an array of {dtype} {shape}")
+            np.ascontiguousarray(piece).tofile(self._file)
+            count += piece.shape[0]
+        if count != shape[0]:
+            raise ValueError(f"{key}: pieces of {count} rows for an array of {shape[0]}")
+        self._where[key] = (start, tuple(shape), dtype)
+        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
     def get(self, key: str) -> np.ndarray:
         """The array written under ``key``, read back into memory."""
         offset, shape, dtype = self._where[key]
@@ -95,7 +113,10 @@ class Spill:
             if key in spill._where:
                 _, shape, dtype = spill._where[key]
                 if tuple(var.val.shape) == tuple(shape) and var.val.dtype == dtype:
-                    return real(Real(var, spill.get(key)), blob_writer)
+                    value = spill.get(key)
+                    if value.dtype == np.float16:  # what coremltools writes, without its two copies of the weight
+                        return blob_writer.write_fp16_data(value.reshape(-1).view(np.uint16))
+                    return real(Real(var, value), blob_writer)
             return real(var, blob_writer)
 
         helper._get_offset_by_writing_data = write
