@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anemlld.convert import export, lifted_conv, lut
+from anemlld.convert import export, lifted_conv, lut, memory
 from anemlld.convert.spill import Spill
 from anemlld.convert.models import build
 from anemlld.convert.models.base import ModelArgs, expected_shape, last_read, weights_loaded_later
@@ -126,7 +126,7 @@ ROWS = 8192  # rows of a weight folded in fp32 at a time
 # values of a weight quantized at a time (whole groups of rows); each group's
 # result is the same in any block (lut.quantize_weight), so the blocks bound
 # the quantizer's outputs held at once, not the tables
-BLOCK_VALUES = 32 * 1024 * 1024
+BLOCK_VALUES = memory.QUANTIZE_BLOCK_VALUES
 
 
 def _quantized_blocks(weight: torch.Tensor, bits: int, group_size: int, tables: list):
