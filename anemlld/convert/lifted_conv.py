@@ -24,20 +24,20 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
            padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
     """Zeros shaped like ``F.conv2d(x, weight, bias, stride, padding,
     dilation, groups)``'s output."""
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_zeros((n, weight.shape[0], out_h, out_w))
+    return x.new_zeros(_output_shape(x, weight, stride, padding, dilation))
 
 
 @conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):
+    return x.new_empty(_output_shape(x, weight, stride, padding, dilation))
+
+
+def _output_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
     n, _, h, w = x.shape
     kh, kw = weight.shape[2:]
     out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, weight.shape[0], out_h, out_w))
+    return n, weight.shape[0], out_h, out_w
 
 
 def of(conv: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -40,18 +40,12 @@ class Spill:
     def put(self, key: str, value: np.ndarray) -> np.ndarray:
         """Write ``value`` under ``key``; returns its placeholder: the same
         shape and dtype (sub-byte dtypes' metadata included), no memory."""
-        if key in self._where:
-            raise KeyError(f"{key} is already spilled")
-        value = np.ascontiguousarray(value)
-        self._file.seek(0, os.SEEK_END)
-        self._where[key] = (self._file.tell(), value.shape, value.dtype)
-        value.tofile(self._file)
-        return np.broadcast_to(np.zeros((), dtype=value.dtype), value.shape)
+        return self.put_pieces(key, value.shape, value.dtype, [value])
 
     def put_pieces(self, key: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> np.ndarray:
         """Write the array of ``shape`` made of ``pieces`` (consecutive along
         axis 0, each made only when the one before is written) under
-        ``key``; returns its placeholder, as ``put``."""
+        ``key``; returns its placeholder: the same shape and dtype, no memory."""
         if key in self._where:
             raise KeyError(f"{key} is already spilled")
         self._file.seek(0, os.SEEK_END)
